@@ -1,0 +1,1 @@
+"""The statelab conformance suite (a pytest plugin; see conformance/plugin.py)."""

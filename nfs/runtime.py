@@ -1,0 +1,252 @@
+"""The packet loop every statelab NF runs (the NF process contract of docs/architecture.md).
+
+``python -m nfs.<kind> --iface IF --state URL --instance ID --config FILE [--counters FILE]``
+
+The loop reads frames from the NF's one-arm data interface with an AF_PACKET socket, drops and
+counts anything that is not a well-formed NSH frame, hands the rest to the NF in batches (so an
+NF can do all of a batch's state operations in one round trip), and writes each processed frame
+back with its service index decremented. Counters (rx, tx, drops by reason, per-tenant rx,
+state operations) are written atomically to a JSON file several times a second, so they are
+readable while the NF runs. SIGTERM drains what is already queued and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from nfs import nsh
+
+ETH_P_ALL = 0x0003
+BATCH = 64
+COUNTER_INTERVAL = 0.2
+DRAIN_QUIET = 0.05
+
+log = logging.getLogger("nfs")
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Verdict: drop the packet and count it under ``reason``."""
+
+    reason: str
+
+
+Verdict = Union[bytes, Drop]
+
+
+class NetworkFunction:
+    """Base class of an NF: turns a batch of NSH frames into verdicts.
+
+    Subclasses set ``kind`` and override :meth:`process`. They keep no per-flow state of
+    their own: what must outlive a packet goes to the state server (``state_url``).
+
+    Args:
+        config: the pool's ``config`` mapping from the topology.
+        state_url: Redis URL with this tenant's credentials, or None.
+        instance: this instance's id, for logs.
+    """
+
+    kind = "base"
+
+    def __init__(self, config: Mapping[str, Any], state_url: Optional[str], instance: str):
+        self.config = dict(config)
+        self.state_url = state_url
+        self.instance = instance
+        self.state_ops = 0
+
+    def process(self, packets: Sequence[nsh.NshFrame]) -> list[Verdict]:
+        """Decide what happens to each packet of a batch.
+
+        Args:
+            packets: the batch, in arrival order.
+
+        Returns:
+            One verdict per packet: the inner frame to send on, or a :class:`Drop`.
+        """
+        raise NotImplementedError
+
+
+class Counters:
+    """Packet counters of one NF instance, written atomically to a JSON file."""
+
+    def __init__(self, path: Optional[Path], instance: str, kind: str) -> None:
+        self.path = path
+        self.instance = instance
+        self.kind = kind
+        self.rx = 0
+        self.tx = 0
+        self.drops: Counter[str] = Counter()
+        self.rx_by_tenant: Counter[int] = Counter()
+        self.state_ops = 0
+        self.started = time.time()
+        self._written = 0.0
+        self._dirty = True
+
+    def drop(self, reason: str) -> None:
+        """Count one dropped packet under ``reason``."""
+        self.drops[reason] += 1
+        self._dirty = True
+
+    def snapshot(self, state: str) -> dict[str, Any]:
+        """Return the counters as a JSON-ready dict; ``state`` is running/draining/stopped."""
+        return {
+            "instance": self.instance, "kind": self.kind, "pid": os.getpid(),
+            "state": state, "rx": self.rx, "tx": self.tx,
+            "drops": dict(self.drops), "dropped": sum(self.drops.values()),
+            "rx_by_tenant": {str(k): v for k, v in self.rx_by_tenant.items()},
+            "state_ops": self.state_ops, "started": self.started, "updated": time.time(),
+        }
+
+    def write(self, state: str = "running", force: bool = False) -> None:
+        """Write the counters file if something changed and the interval has passed."""
+        now = time.monotonic()
+        if self.path is None or not (force or (self._dirty and now - self._written >= COUNTER_INTERVAL)):
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.snapshot(state)))
+        os.replace(tmp, self.path)
+        self._written, self._dirty = now, False
+
+
+class Runtime:
+    """The packet loop: AF_PACKET in, batch through the NF, AF_PACKET out.
+
+    Args:
+        nf: the network function.
+        iface: the data interface (one-arm link to the fabric).
+        counters: where the counters go.
+        batch: most frames handed to the NF at once.
+    """
+
+    def __init__(self, nf: NetworkFunction, iface: str, counters: Counters, batch: int = BATCH):
+        self.nf = nf
+        self.iface = iface
+        self.counters = counters
+        self.batch = batch
+        self.draining = False
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((iface, 0))
+        self.sock.setblocking(False)
+
+    def _on_term(self, signum: int, _frame: Any) -> None:
+        log.info("%s: signal %d, draining", self.nf.instance, signum)
+        self.draining = True
+
+    def _read_batch(self) -> list[bytes]:
+        frames = []
+        while len(frames) < self.batch:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except BlockingIOError:
+                break
+            if addr[2] == socket.PACKET_OUTGOING:
+                continue
+            frames.append(data)
+        return frames
+
+    def handle(self, frames: Sequence[bytes]) -> None:
+        """Parse, process and send one batch of raw frames."""
+        c = self.counters
+        parsed = []
+        for frame in frames:
+            c.rx += 1
+            try:
+                p = nsh.parse(frame)
+            except nsh.Malformed as err:
+                c.drop(err.reason)
+                continue
+            c.rx_by_tenant[p.tenant] += 1
+            parsed.append(p)
+        c._dirty = True
+        if not parsed:
+            return
+        try:
+            verdicts = self.nf.process(parsed)
+        except Exception:  # an NF bug must cost the batch, never the process
+            log.exception("%s: NF raised on a batch of %d", self.nf.instance, len(parsed))
+            for _ in parsed:
+                c.drop("nf_error")
+            return
+        c.state_ops = self.nf.state_ops
+        for p, verdict in zip(parsed, verdicts):
+            if isinstance(verdict, Drop):
+                c.drop(verdict.reason)
+                continue
+            try:
+                self.sock.send(nsh.reply(p, verdict))
+                c.tx += 1
+            except OSError as err:
+                c.drop("tx_error")
+                log.warning("%s: send failed: %s", self.nf.instance, err)
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT, then drain the queue and return the exit status (0)."""
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        self.counters.write(force=True)
+        log.info("%s: %s ready on %s", self.nf.instance, self.nf.kind, self.iface)
+        quiet_since = None
+        while True:
+            try:
+                ready, _, _ = select.select([self.sock], [], [], DRAIN_QUIET if self.draining else COUNTER_INTERVAL)
+            except InterruptedError:
+                ready = []
+            frames = self._read_batch() if ready else []
+            if frames:
+                self.handle(frames)
+                quiet_since = None
+            elif self.draining:
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since >= DRAIN_QUIET:
+                    break
+            self.counters.write("draining" if self.draining else "running")
+        self.counters.write("stopped", force=True)
+        log.info("%s: drained, exiting", self.nf.instance)
+        return 0
+
+
+def main(nf_class: type[NetworkFunction], argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point shared by every ``python -m nfs.<kind>``.
+
+    Args:
+        nf_class: the NF to run.
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit status.
+    """
+    ap = argparse.ArgumentParser(prog=f"python -m nfs.{nf_class.kind}",
+                                 description=f"statelab {nf_class.kind} network function")
+    ap.add_argument("--iface", required=True, help="data interface (one-arm link to the fabric)")
+    ap.add_argument("--state", default=None, help="state server URL, redis://user:pass@host:port")
+    ap.add_argument("--instance", required=True, help="instance id, e.g. red-fw-1")
+    ap.add_argument("--config", type=Path, default=None, help="YAML/JSON file with the pool's config")
+    ap.add_argument("--counters", type=Path, default=None, help="JSON file the counters are written to")
+    ap.add_argument("--batch", type=int, default=BATCH, help="most frames per batch")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config: Mapping[str, Any] = {}
+    if args.config is not None:
+        config = yaml.safe_load(args.config.read_text()) or {}
+    nf = nf_class(config, args.state, args.instance)
+    try:
+        rt = Runtime(nf, args.iface, Counters(args.counters, args.instance, nf_class.kind), args.batch)
+    except OSError as err:
+        print(f"{args.instance}: cannot open data interface {args.iface!r}: {err}", file=sys.stderr)
+        return 2
+    return rt.run()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install everything statelab needs on a fresh Debian 12 / Ubuntu 22.04+ machine. Idempotent:
+# run it as often as you like; it only installs what is missing.
+#   - Debian packages: Mininet, Open vSwitch, Redis, iproute2, ping, tcpdump, iperf3, ethtool
+#   - a virtualenv in .venv (it sees Debian's python3-mininet) with statelab installed editable
+#   - /usr/local/bin/statelab
+#   - starts Open vSwitch if it is not running (userspace datapath: no kernel module needed)
+set -euo pipefail
+
+if [ "$(id -u)" != 0 ]; then
+    echo "install.sh: run as root: sudo $0" >&2
+    exit 1
+fi
+top=$(cd "$(dirname "$0")/.." && pwd)
+venv="$top/.venv"
+
+packages="mininet openvswitch-switch redis-server iproute2 iputils-ping tcpdump iperf3 ethtool
+          net-tools procps python3 python3-venv python3-pip"
+missing=""
+for p in $packages; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "install.sh: installing Debian packages:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "install.sh: creating $venv"
+    /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+stamp="$venv/.statelab-installed"
+if [ ! -f "$stamp" ] || [ "$top/pyproject.toml" -nt "$stamp" ]; then
+    echo "install.sh: installing statelab and its Python dependencies into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "$top[test]"
+    touch "$stamp"
+fi
+ln -sf "$venv/bin/statelab" /usr/local/bin/statelab
+
+if ! ovs-vsctl -t 2 show >/dev/null 2>&1 || ! ovs-appctl -t ovs-vswitchd version >/dev/null 2>&1; then
+    echo "install.sh: starting Open vSwitch"
+    /usr/share/openvswitch/scripts/ovs-ctl start --system-id=random >/dev/null
+fi
+echo "install.sh: ready ($("$venv/bin/python" -c 'import statelab; print("statelab", statelab.__version__)'), $(ovs-vsctl --version | head -1))"

@@ -1,0 +1,175 @@
+"""Pool control: scale out, scale in (drain), kill, and fail-over on an instance's death.
+
+Every membership change is one atomic fabric update (an OpenFlow bundle on OVS). A watcher
+thread notices an instance whose process died and takes it out of its pool, so the survivors
+carry its flows; that is the whole fail-over, because no instance holds state of its own.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Optional
+
+from statelab.errors import LabError, ProcessFailed
+
+if TYPE_CHECKING:
+    from statelab.lab import Instance, Lab
+
+WATCH_INTERVAL = 0.05
+DRAIN_GRACE = 0.3
+STOP_TIMEOUT = 5.0
+
+
+class Controller:
+    """Changes a running lab's NF pools.
+
+    Args:
+        lab: the lab whose pools this controller changes.
+    """
+
+    def __init__(self, lab: "Lab") -> None:
+        self.lab = lab
+        self.lock = threading.RLock()
+        self.events: list[tuple[float, str, str]] = []  # (time, event, instance)
+        self._watch: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+
+    # -- looking up --------------------------------------------------------------------
+
+    def _pool(self, tenant: str, pool: str):
+        t = self.lab.topo.tenant(tenant)
+        for p in t.pools:
+            if p.name == pool:
+                return t, p
+        raise LabError(f"tenant {tenant!r} has no pool {pool!r}; its pools: "
+                       f"{', '.join(p.name for p in t.pools)}")
+
+    def instance(self, iid: str) -> "Instance":
+        """The running instance called ``iid`` (e.g. ``red-fw-1``)."""
+        try:
+            return self.lab.instances[iid]
+        except KeyError:
+            raise LabError(f"no NF instance {iid!r}; instances: {', '.join(self.lab.instances)}") from None
+
+    def _event(self, what: str, iid: str) -> None:
+        self.events.append((time.time(), what, iid))
+
+    # -- changes -----------------------------------------------------------------------
+
+    def scale_out(self, tenant: str, pool: str, count: int = 1) -> list["Instance"]:
+        """Start ``count`` new instances and add each to its pool once it is ready.
+
+        Args:
+            tenant: tenant name.
+            pool: pool name within the tenant.
+            count: how many instances to add.
+
+        Returns:
+            The new instances.
+        """
+        t, p = self._pool(tenant, pool)
+        added = []
+        with self.lock:
+            for _ in range(count):
+                inst = self.lab._add_instance(t, p, attach=True)
+                try:
+                    self.lab.wait_ready(inst)
+                except ProcessFailed:
+                    self.lab.remove_instance(inst)
+                    raise
+                self.lab.fabric.add_member(inst.key, inst.member)
+                self._event("scale-out", inst.id)
+                added.append(inst)
+        return added
+
+    def scale_in(self, tenant: str, pool: str, count: int = 1) -> list[str]:
+        """Drain and remove the ``count`` newest instances of a pool.
+
+        Each instance is first taken out of the pool (atomically: new packets go to the
+        others), given :data:`DRAIN_GRACE` seconds for packets in flight, then sent SIGTERM,
+        which drains its queue and exits 0.
+
+        Returns:
+            The ids of the removed instances.
+
+        Raises:
+            LabError: the pool would be left empty, or an instance did not exit cleanly.
+        """
+        self._pool(tenant, pool)
+        with self.lock:
+            live = [i for i in self.lab.pool_instances(tenant, pool) if i.in_pool]
+            if count >= len(live):
+                raise LabError(f"pool {tenant}/{pool} has {len(live)} instance(s); "
+                               f"it cannot lose {count} and keep serving")
+            removed = []
+            for inst in live[-count:]:
+                self.lab.fabric.remove_member(inst.key, inst.member)
+                inst.in_pool = False
+                self._event("scale-in", inst.id)
+                time.sleep(DRAIN_GRACE)
+                inst.proc.send_signal(signal.SIGTERM)
+                try:
+                    code = inst.proc.wait(STOP_TIMEOUT)
+                except Exception:
+                    inst.proc.kill()
+                    code = inst.proc.wait()
+                self.lab.fabric.forget_member(inst.key, inst.member)
+                self.lab.remove_instance(inst)
+                if code != 0:
+                    raise LabError(f"NF {inst.id} exited with code {code} on SIGTERM (expected 0)")
+                removed.append(inst.id)
+        return removed
+
+    def kill(self, iid: str) -> None:
+        """Crash an instance (SIGKILL), take it out of its pool once seen dead, remove its host.
+
+        Args:
+            iid: the instance id, e.g. ``red-fw-1``.
+        """
+        with self.lock:
+            inst = self.instance(iid)
+            inst.proc.send_signal(signal.SIGKILL)
+            self._event("kill", iid)
+            inst.proc.wait()
+            self._failover(inst)
+            self.lab.fabric.forget_member(inst.key, inst.member)
+            self.lab.remove_instance(inst)
+
+    def _failover(self, inst: "Instance") -> None:
+        if inst.in_pool:
+            self.lab.fabric.remove_member(inst.key, inst.member)
+            inst.in_pool = False
+            self._event("failover", inst.id)
+
+    # -- liveness ----------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Take every instance whose process died out of its pool; return their ids."""
+        dead = []
+        with self.lock:
+            for inst in self.lab.iter_instances():
+                if inst.in_pool and not inst.alive():
+                    self._failover(inst)
+                    dead.append(inst.id)
+        return dead
+
+    def start_watch(self) -> None:
+        """Start the liveness watcher thread (the lab does this once it is up)."""
+        self._stop.clear()
+        self._watch = threading.Thread(target=self._run_watch, name="statelab-liveness", daemon=True)
+        self._watch.start()
+
+    def stop_watch(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.join()
+            self._watch = None
+
+    def _run_watch(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL):
+            try:
+                self.check()
+            except Exception as err:  # keep watching; the lab's owner sees the error in status
+                self._event(f"watch-error: {err}", "")

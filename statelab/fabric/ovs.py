@@ -1,0 +1,219 @@
+"""Open vSwitch fabric: the steering contract in OpenFlow 1.5 on the userspace datapath.
+
+Tables (registers: reg0 tenant id, reg1 service path id, reg2 service index, reg3 NF port):
+
+- 0  classify: a tenant host port sets tenant and path; an NF port with NSH goes to 20;
+     anything else (unknown port, VLAN tag on an access port) is dropped and counted.
+- 10 chain entry: IPv4 starts the path at index 255; other frames (ARP, broadcast) are
+     delivered within the tenant without a chain.
+- 20 return from an NF: only the (port, spi, si, tenant) combinations the plan allows pass;
+     forged or misplaced NSH is dropped. The outer Ethernet header is removed.
+- 21 copy the returned service index to reg2 and remove NSH.
+- 30 next hop: (path, index) picks the pool's select group, or delivery after the last hop.
+- 40 delivery within the tenant by destination MAC; broadcast floods the tenant's ports.
+- 50 encapsulation toward the chosen instance (a group bucket sets reg3 and resubmits here,
+     because OVS does not apply encap(nsh) written inside a bucket).
+
+Each pool is a ``select`` group with ``selection_method=hash`` on the inner 5-tuple: OVS
+scores buckets by highest random weight, so adding a member moves only its share of flows and
+removing one moves only its flows. Membership changes go in one OpenFlow bundle.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+from mininet.node import OVSSwitch
+
+from statelab.errors import LabError
+from statelab.fabric import FIRST_SI, Fabric, Member, PoolKey, SteeringPlan
+
+OVS_CTL = Path("/usr/share/openvswitch/scripts/ovs-ctl")
+OFCTL = ("ovs-ofctl", "-O", "OpenFlow15")
+FABRIC_MAC = "02:5e:00:00:00:01"
+MEMBER_COOKIE = 1 << 32
+HASH_FIELDS = "fields(nw_src,nw_dst,nw_proto,tcp_src,tcp_dst,udp_src,udp_dst)"
+
+
+def _run(args: Iterable[str], what: str, stdin: Optional[str] = None) -> str:
+    proc = subprocess.run(list(args), input=stdin, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"{what} failed (exit code {proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def ovs_running() -> bool:
+    """True if ovsdb-server and ovs-vswitchd answer."""
+    return (subprocess.run(["ovs-vsctl", "-t", "2", "show"], capture_output=True).returncode == 0
+            and subprocess.run(["ovs-appctl", "-t", "ovs-vswitchd", "version"],
+                               capture_output=True).returncode == 0)
+
+
+def start_ovs() -> None:
+    """Start Open vSwitch's daemons (this kernel has no OVS module: userspace datapath only)."""
+    if not OVS_CTL.exists():
+        raise LabError(f"{OVS_CTL} not found: install openvswitch-switch")
+    proc = subprocess.run([str(OVS_CTL), "start", "--system-id=random"], capture_output=True, text=True)
+    if proc.returncode != 0 or not ovs_running():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])
+        raise LabError(f"could not start Open vSwitch (ovs-ctl exit code {proc.returncode}):\n{tail}\n"
+                       f"see /var/log/openvswitch/ovs-vswitchd.log")
+
+
+def stop_ovs() -> None:
+    """Stop the daemons that :func:`start_ovs` started (ovs-ctl ends them by their pidfiles)."""
+    subprocess.run([str(OVS_CTL), "stop"], capture_output=True)
+
+
+class OvsFabric(Fabric, OVSSwitch):
+    """The OVS driver: a Mininet OVSSwitch on the userspace datapath, programmed over OpenFlow 1.5.
+
+    Args:
+        name: the bridge name.
+        **params: passed to :class:`mininet.node.OVSSwitch`.
+    """
+
+    kind = "ovs"
+    package = "openvswitch-switch"
+    binaries = ("ovs-vsctl", "ovs-ofctl", "ovs-vswitchd", "ovsdb-server")
+
+    def __init__(self, name: str, **params) -> None:
+        params.update(datapath="user", failMode="secure", protocols="OpenFlow15", inband=False)
+        OVSSwitch.__init__(self, name, **params)
+        self.plan: Optional[SteeringPlan] = None
+
+    @classmethod
+    def setup(cls) -> None:
+        """Check the OVS programs and read OVS's version (the lab starts the daemons if needed)."""
+        Fabric.setup.__func__(cls)
+        if ovs_running():
+            OVSSwitch.setup.__func__(cls)
+
+    # -- OpenFlow plumbing -------------------------------------------------------------
+
+    def _bundle(self, lines: list[str], what: str) -> None:
+        """Apply flow and group mods as one atomic OpenFlow bundle."""
+        with tempfile.NamedTemporaryFile("w", suffix=".ofbundle", delete=False) as f:
+            f.write("\n".join(lines) + "\n")
+        try:
+            _run([*OFCTL, "bundle", self.name, f.name], f"{what} on bridge {self.name}")
+        finally:
+            Path(f.name).unlink(missing_ok=True)
+
+    def add_port(self, intf: str, port: int) -> None:
+        """Attach a new interface as OpenFlow port ``port`` (used when a pool grows)."""
+        _run(["ovs-vsctl", "add-port", self.name, intf, "--", "set", "Interface", intf,
+              f"ofport_request={port}"], f"adding {intf} to {self.name}")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            out = _run(["ovs-vsctl", "get", "Interface", intf, "ofport"], "reading ofport").strip()
+            if out == str(port):
+                return
+            time.sleep(0.05)
+        raise LabError(f"{intf} did not become port {port} of {self.name} (ofport {out})")
+
+    def del_port(self, intf: str) -> None:
+        """Detach an interface (no error if it is already gone)."""
+        subprocess.run(["ovs-vsctl", "--if-exists", "del-port", self.name, intf], capture_output=True)
+
+    # -- flows of the plan -------------------------------------------------------------
+
+    @staticmethod
+    def _bucket(member: Member) -> str:
+        return f"bucket=bucket_id:{member.port},actions=set_field:{member.port}->reg3,resubmit(,50)"
+
+    def _member_flows(self, key: PoolKey, member: Member) -> list[str]:
+        """Flows that exist for one member: its encapsulation and its allowed returns."""
+        assert self.plan is not None
+        cookie = f"cookie={MEMBER_COOKIE | member.port:#x}"
+        tenant = key[0]
+        flows = [f"flow add table=50,{cookie},priority=100,reg3={member.port},actions="
+                 f"encap(nsh(md_type=1)),move:NXM_NX_REG1[0..23]->NXOXM_NSH_SPI[],"
+                 f"move:NXM_NX_REG2[0..7]->NXOXM_NSH_SI[],move:NXM_NX_REG0[]->NXOXM_NSH_C1[],"
+                 f"encap(ethernet),set_field:{member.mac}->eth_dst,"
+                 f"set_field:{FABRIC_MAC}->eth_src,output:{member.port}",
+                 f"flow add table=0,{cookie},priority=100,in_port={member.port},dl_type=0x894f,"
+                 f"actions=goto_table:20"]
+        for path, hop in self.plan.positions(key):
+            flows.append(f"flow add table=20,{cookie},priority=100,in_port={member.port},"
+                         f"dl_type=0x894f,nsh_spi={path.spi},nsh_si={FIRST_SI - hop - 1},"
+                         f"nsh_c1={tenant},actions=decap(),set_field:{tenant}->reg0,"
+                         f"set_field:{path.spi}->reg1,goto_table:21")
+        return flows
+
+    def _base_flows(self, plan: SteeringPlan) -> list[str]:
+        flows = ["flow add table=0,priority=0,actions=drop",
+                 "flow add table=20,priority=0,actions=drop",
+                 "flow add table=21,priority=100,packet_type=(1,0x894f),"
+                 "actions=move:NXOXM_NSH_SI[]->NXM_NX_REG2[0..7],decap(),goto_table:30",
+                 "flow add table=10,priority=100,ip,actions=set_field:255->reg2,goto_table:30",
+                 "flow add table=10,priority=10,actions=goto_table:40"]
+        for hp in plan.host_ports:
+            flows.append(f"flow add table=0,priority=100,in_port={hp.port},vlan_tci=0x0000/0x1000,"
+                         f"actions=set_field:{hp.tenant}->reg0,set_field:{hp.spi}->reg1,goto_table:10")
+            flows.append(f"flow add table=40,priority=100,reg0={hp.tenant},dl_dst={hp.mac},"
+                         f"actions=output:{hp.port}")
+        for tenant in sorted({hp.tenant for hp in plan.host_ports}):
+            outs = ",".join(f"output:{hp.port}" for hp in plan.host_ports if hp.tenant == tenant)
+            flows.append(f"flow add table=40,priority=50,reg0={tenant},"
+                         f"dl_dst=01:00:00:00:00:00/01:00:00:00:00:00,actions={outs}")
+        for path in plan.paths:
+            for i, hop in enumerate(path.hops):
+                group = plan.groups[(path.tenant, hop)]
+                flows.append(f"flow add table=30,priority=100,reg1={path.spi},reg2={FIRST_SI - i},"
+                             f"actions=group:{group}")
+            flows.append(f"flow add table=30,priority=100,reg1={path.spi},"
+                         f"reg2={FIRST_SI - len(path.hops)},actions=goto_table:40")
+        return flows
+
+    # -- the Fabric interface ----------------------------------------------------------
+
+    def program(self, plan: SteeringPlan) -> None:
+        self.plan = plan
+        lines = ["flow delete", "group delete group_id=all"]
+        for key, group in sorted(plan.groups.items(), key=lambda kv: kv[1]):
+            buckets = ",".join(self._bucket(m) for m in plan.members.get(key, []))
+            lines.append(f"group add group_id={group},type=select,selection_method=hash,"
+                         f"{HASH_FIELDS}" + (f",{buckets}" if buckets else ""))
+        lines += self._base_flows(plan)
+        for key, members in plan.members.items():
+            for m in members:
+                lines += self._member_flows(key, m)
+        self._bundle(lines, "programming the steering plan")
+
+    def add_member(self, key: PoolKey, member: Member) -> None:
+        assert self.plan is not None, "program() first"
+        group = self.plan.groups[key]
+        self.plan.members.setdefault(key, []).append(member)
+        lines = self._member_flows(key, member)
+        lines.append(f"group insert_bucket group_id={group},command_bucket_id=last,{self._bucket(member)}")
+        self._bundle(lines, f"adding {member.name} to its pool")
+
+    def remove_member(self, key: PoolKey, member: Member) -> None:
+        assert self.plan is not None, "program() first"
+        group = self.plan.groups[key]
+        members = self.plan.members.get(key, [])
+        if member in members:
+            members.remove(member)
+            self._bundle([f"group remove_bucket group_id={group},command_bucket_id={member.port}"],
+                         f"removing {member.name} from its pool")
+
+    def forget_member(self, key: PoolKey, member: Member) -> None:
+        self.remove_member(key, member)
+        self._bundle([f"flow delete cookie={MEMBER_COOKIE | member.port:#x}/-1"],
+                     f"removing the flows of {member.name}")
+
+    def dropped(self) -> int:
+        out = _run([*OFCTL, "dump-flows", self.name], "reading drop counters")
+        return sum(int(tok.split("=")[1].rstrip(","))
+                   for line in out.splitlines() if " priority=0 " in line or " priority=0," in line
+                   for tok in line.split() if tok.startswith("n_packets="))
+
+    def dump(self) -> str:
+        """Flows and groups with their counters, for a person reading a failure."""
+        return (_run([*OFCTL, "dump-flows", self.name], "dump-flows")
+                + _run([*OFCTL, "dump-groups", self.name], "dump-groups"))
