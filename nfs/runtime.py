@@ -94,12 +94,10 @@ class Counters:
         self.state_ops = 0
         self.started = time.time()
         self._written = 0.0
-        self._dirty = True
 
     def drop(self, reason: str) -> None:
         """Count one dropped packet under ``reason``."""
         self.drops[reason] += 1
-        self._dirty = True
 
     def snapshot(self, state: str) -> dict[str, Any]:
         """Return the counters as a JSON-ready dict; ``state`` is running/draining/stopped."""
@@ -112,14 +110,14 @@ class Counters:
         }
 
     def write(self, state: str = "running", force: bool = False) -> None:
-        """Write the counters file if something changed and the interval has passed."""
+        """Write the counters file when the interval has passed (a heartbeat too: ``updated``)."""
         now = time.monotonic()
-        if self.path is None or not (force or (self._dirty and now - self._written >= COUNTER_INTERVAL)):
+        if self.path is None or not (force or now - self._written >= COUNTER_INTERVAL):
             return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.snapshot(state)))
         os.replace(tmp, self.path)
-        self._written, self._dirty = now, False
+        self._written = now
 
 
 class Runtime:
@@ -171,7 +169,6 @@ class Runtime:
                 continue
             c.rx_by_tenant[p.tenant] += 1
             parsed.append(p)
-        c._dirty = True
         if not parsed:
             return
         try:

@@ -38,6 +38,7 @@ STATE_NODE = "state-server"
 DATA_IF = "eth0"
 MGMT_IF = "mgmt0"
 NF_PORT_BASE = 100
+NF_MTU = 1600  # 1500-byte inner packets + inner Ethernet (14) + NSH MD type 1 (24) + outer Ethernet
 READY_TIMEOUT = 15.0
 
 # binary -> Debian/Ubuntu package that provides it
@@ -152,9 +153,9 @@ class Lab:
 
     def start(self) -> None:
         """Build and start everything; on failure, what was built is still torn down by stop()."""
+        check_dependencies(self.topo.fabric_kind)
         if os.geteuid() != 0:
             raise LabError("a lab creates namespaces, veths and bridges: run it as root (sudo)")
-        check_dependencies(self.topo.fabric_kind)
         self._claim_run_dir()
         from mininet.log import setLogLevel
         from mininet.net import Mininet
@@ -278,14 +279,20 @@ class Lab:
         node.cmd("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
         return node
 
-    def _link(self, node: Any, port: int, mac: str) -> str:
-        """Connect ``node``'s data interface to fabric port ``port``; return the fabric-side name."""
+    def _link(self, node: Any, port: int, mac: str, mtu: int = 1500) -> str:
+        """Connect ``node``'s data interface to fabric port ``port``; return the fabric-side name.
+
+        NF links get ``mtu`` = :data:`NF_MTU`, room for a full inner frame plus NSH.
+        """
         sw_intf = f"s{self.tag}-p{port}"
         self.record.add_interface(sw_intf)
         self.net.addLink(node, self.fabric, port2=port, intfName1=DATA_IF, intfName2=sw_intf,
                          addr1=mac)
         self._tune_root_intf(sw_intf)
         node.cmd(f"ethtool -K {DATA_IF} tx off >/dev/null 2>&1")
+        if mtu != 1500:
+            subprocess.run(["ip", "link", "set", sw_intf, "mtu", str(mtu)], capture_output=True)
+            node.cmd(f"ip link set {DATA_IF} mtu {mtu}")
         return sw_intf
 
     def _tune_root_intf(self, name: str) -> None:
@@ -406,6 +413,25 @@ class Lab:
         self.record.add_process(proc.pid, f"{what} on {node.name}")
         return proc
 
+    def spawn(self, host: str, argv: list[str]) -> subprocess.Popen:
+        """Start a program in a tenant host, tracked by PID like every lab process.
+
+        Args:
+            host: tenant host name.
+            argv: the command; its stdout is a pipe, stderr goes to the host's log.
+
+        Returns:
+            The process (``.stdout`` readable as text).
+        """
+        node = self.host(host)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        with open(self.run_dir / f"{host}.log", "ab") as err:
+            proc = node.popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                              env=env, cwd=str(self.run_dir), text=True)
+        self.record.add_process(proc.pid, f"{argv[0]} on {host}")
+        return proc
+
     # -- NF instances ------------------------------------------------------------------
 
     def _add_instance(self, tenant: "specmod.Tenant", pool: "specmod.Pool", attach: bool) -> Instance:
@@ -424,7 +450,7 @@ class Lab:
         self._next_port += 1
         mac = f"02:4e:46:00:{port >> 8:02x}:{port & 0xff:02x}"
         node = self._add_node(iid, ip=None)
-        sw_intf = self._link(node, port, mac)
+        sw_intf = self._link(node, port, mac, NF_MTU)
         node.cmd(f"ip link set {DATA_IF} up")
         if attach:
             self.fabric.add_port(sw_intf, port)
@@ -493,6 +519,22 @@ class Lab:
     def pool_instances(self, tenant: str, pool: str) -> list[Instance]:
         """The instances of one pool (alive or not), oldest first."""
         return [i for i in self.instances.values() if i.tenant.name == tenant and i.pool.name == pool]
+
+    def settled_counters(self, timeout: float = 3.0) -> dict[str, dict[str, Any]]:
+        """Counters of every live instance, each written after this call (so nothing older).
+
+        Returns:
+            ``{instance id: counters}``; a dead instance's last counters are included as they are.
+        """
+        since = time.time()
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = {i.id: i.counters() for i in self.iter_instances()}
+            stale = [iid for iid, c in snap.items()
+                     if self.instances[iid].alive() and c.get("updated", 0) <= since]
+            if not stale or time.monotonic() > deadline:
+                return snap
+            time.sleep(0.05)
 
     def iter_instances(self) -> Iterator[Instance]:
         return iter(list(self.instances.values()))

@@ -20,6 +20,7 @@ import select
 import socket
 import struct
 import sys
+import subprocess
 import threading
 import time
 from typing import Any, Optional, Sequence
@@ -240,3 +241,66 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- driving the tools in a running lab ---------------------------------------------------
+
+def _json_line(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
+    """Read the next JSON line a tool prints, or fail with what the tool said."""
+    r, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if r else ""
+    if not line:
+        proc.kill()
+        raise RuntimeError(f"{' '.join(proc.args[3:7])}: no result within {timeout}s "
+                           f"(exit code {proc.poll()})")
+    return json.loads(line)
+
+
+def _tool(lab: Any, host: str, *args: str) -> subprocess.Popen:
+    return lab.spawn(host, [sys.executable, "-m", "statelab.traffic", *map(str, args)])
+
+
+def run_udp(lab: Any, src: str, dst: str, dst_ip: str, flows: int = 16, packets: int = 10,
+            rate: float = 2000.0, port: int = 5001, first_sport: int = 20000,
+            sink_duration: float = 30.0) -> dict[str, Any]:
+    """Send UDP flows from host ``src`` to ``dst_ip`` with a sink on host ``dst``.
+
+    Args:
+        lab: the running lab.
+        src: sending host.
+        dst: host the sink runs on (``dst_ip`` need not be its address: that is the point
+            of isolation tests).
+        dst_ip: address the sender sends to.
+        flows, packets, rate, port, first_sport: see :func:`udp_send`.
+        sink_duration: longest the sink waits.
+
+    Returns:
+        ``{"sent": {...}, "received": {...}}`` as reported by the two tools.
+    """
+    sink = _tool(lab, dst, "udp-sink", "--port", port, "--duration", sink_duration, "--idle", 1.0)
+    _json_line(sink, 10)
+    sender = _tool(lab, src, "udp-send", dst_ip, "--port", port, "--flows", flows, "--packets", packets,
+                   "--rate", rate, "--first-sport", first_sport)
+    sent = _json_line(sender, 60 + flows * packets / rate)
+    received = _json_line(sink, sink_duration + 5)
+    sender.wait()
+    sink.wait()
+    return {"sent": sent, "received": received}
+
+
+def run_tcp(lab: Any, src: str, dst: str, dst_ip: str, connections: int = 4, nbytes: int = 65536,
+            port: int = 5002, timeout: float = 5.0) -> dict[str, Any]:
+    """Open TCP connections from ``src`` to ``dst_ip`` (echo sink on ``dst``); verify digests.
+
+    Returns:
+        The sender's result: ``{"connections", "ok", "failed"}``.
+    """
+    sink = _tool(lab, dst, "tcp-sink", "--port", port, "--duration", 30 + timeout)
+    _json_line(sink, 10)
+    sender = _tool(lab, src, "tcp-send", dst_ip, "--port", port, "--connections", connections,
+                   "--bytes", nbytes, "--timeout", timeout)
+    result = _json_line(sender, 60 + timeout * 2)
+    sender.wait()
+    sink.kill()
+    sink.wait()
+    return result

@@ -124,7 +124,7 @@ class OvsFabric(Fabric, OVSSwitch):
 
     @staticmethod
     def _bucket(member: Member) -> str:
-        return f"bucket=bucket_id:{member.port},actions=set_field:{member.port}->reg3,resubmit(,50)"
+        return f"bucket=bucket_id:{member.port},weight:100,actions=set_field:{member.port}->reg3,resubmit(,50)"
 
     def _member_flows(self, key: PoolKey, member: Member) -> list[str]:
         """Flows that exist for one member: its encapsulation and its allowed returns."""
@@ -140,7 +140,7 @@ class OvsFabric(Fabric, OVSSwitch):
                  f"actions=goto_table:20"]
         for path, hop in self.plan.positions(key):
             flows.append(f"flow add table=20,{cookie},priority=100,in_port={member.port},"
-                         f"dl_type=0x894f,nsh_spi={path.spi},nsh_si={FIRST_SI - hop - 1},"
+                         f"dl_type=0x894f,nsh_mdtype=1,nsh_spi={path.spi},nsh_si={FIRST_SI - hop - 1},"
                          f"nsh_c1={tenant},actions=decap(),set_field:{tenant}->reg0,"
                          f"set_field:{path.spi}->reg1,goto_table:21")
         return flows
