@@ -11,6 +11,12 @@ def nf_rx(lab: Any) -> dict[str, int]:
     return {iid: c.get("rx", 0) for iid, c in lab.settled_counters().items()}
 
 
+def quiet(lab: Any, *hosts: str) -> None:
+    """Flush the hosts' neighbour tables, so they send no ARP probes of their own while watched."""
+    for h in hosts:
+        lab.host(h).cmd("ip neigh flush dev eth0")
+
+
 def host_rx(lab: Any, host: str) -> int:
     """Packets a tenant host's data interface has received (kernel counter)."""
     out = lab.host(host).cmd("ip -s -j link show eth0")
