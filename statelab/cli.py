@@ -101,9 +101,10 @@ def run_cli(lab) -> None:
                 print("usage: kill INSTANCE   (see `pools` for instance ids)")
                 return
             try:
-                lab.control.kill(line.strip())
-                print(f"killed {line.strip()}; its pool now: " + ", ".join(
-                    i.id for i in lab.pool_instances(*line.strip().split("-")[:2])))
+                inst = lab.control.instance(line.strip())
+                lab.control.kill(inst.id)
+                left = [i.id for i in lab.pool_instances(inst.tenant.name, inst.pool.name)]
+                print(f"killed {inst.id}; pool {inst.tenant.name}/{inst.pool.name} now: {', '.join(left)}")
             except LabError as err:
                 print(f"error: {err}")
 

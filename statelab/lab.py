@@ -12,6 +12,7 @@ is created, so teardown ends exactly that by PID and name, even from another pro
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import ipaddress
 import json
 import os
@@ -154,6 +155,12 @@ class Lab:
     def start(self) -> None:
         """Build and start everything; on failure, what was built is still torn down by stop()."""
         check_dependencies(self.topo.fabric_kind)
+        for tenant in self.topo.tenants:
+            for pool in tenant.pools:
+                if pool.command is None and importlib.util.find_spec(f"nfs.{pool.kind}") is None:
+                    raise LabError(f"NF kind {pool.kind!r} (pool {tenant.name}/{pool.name}, "
+                                   f"{self.topo.source}:{pool.line}) has no implementation in "
+                                   f"this version of statelab; give the pool a `command`")
         if os.geteuid() != 0:
             raise LabError("a lab creates namespaces, veths and bridges: run it as root (sudo)")
         self._claim_run_dir()
@@ -199,6 +206,8 @@ class Lab:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut teardown short
         try:
             self.control.stop_watch()
+            if self.record is None:
+                return  # nothing was created
             self.progress(f"tearing down lab {self.topo.name!r}")
             for inst in self.instances.values():
                 if inst.alive():
