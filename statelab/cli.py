@@ -114,6 +114,8 @@ def run_cli(lab) -> None:
                 if not line.strip() or inst.id == line.strip():
                     print(json.dumps(inst.counters(), indent=1))
 
+    from mininet.log import setLogLevel
+    setLogLevel("output")  # the Mininet CLI prints command output at this level
     print("statelab: extra commands: tenants, pools, scale TENANT POOL +N|-N, kill INSTANCE, counters")
     StatelabCLI(lab.net)
 
