@@ -29,9 +29,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import yaml
 
 from nfs import nsh
+from nfs.state import StateClient, StateUnavailable, open_state
 
 ETH_P_ALL = 0x0003
 BATCH = 64
+RCVBUF = 8 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux value; Python lacks the name
 COUNTER_INTERVAL = 0.2
 DRAIN_QUIET = 0.05
 
@@ -52,11 +55,15 @@ class NetworkFunction:
     """Base class of an NF: turns a batch of NSH frames into verdicts.
 
     Subclasses set ``kind`` and override :meth:`process`. They keep no per-flow state of
-    their own: what must outlive a packet goes to the state server (``state_url``).
+    their own: what must outlive a packet goes to :attr:`state`, whose keys are scoped to
+    ``t:{tenant}:{pool}:``. A subclass may raise :class:`~nfs.state.StateUnavailable` from
+    :meth:`process`: the runtime then drops the whole batch (fail closed).
 
     Args:
-        config: the pool's ``config`` mapping from the topology.
-        state_url: Redis URL with this tenant's credentials, or None.
+        config: the pool's ``config`` mapping from the topology; the lab adds a ``statelab``
+            section with ``tenant``, ``tenant_id`` and ``pool``.
+        state_url: Redis URL with this tenant's credentials; None or ``local:`` for
+            in-process state.
         instance: this instance's id, for logs.
     """
 
@@ -64,9 +71,24 @@ class NetworkFunction:
 
     def __init__(self, config: Mapping[str, Any], state_url: Optional[str], instance: str):
         self.config = dict(config)
+        lab = dict(self.config.pop("statelab", None) or {})
+        self.tenant: str = str(lab.get("tenant", "default"))
+        self.tenant_id: int = int(lab.get("tenant_id", 0))
+        self.pool: str = str(lab.get("pool", self.kind))
         self.state_url = state_url
         self.instance = instance
-        self.state_ops = 0
+        self._state: Optional[StateClient] = None
+
+    @property
+    def state(self) -> StateClient:
+        """The tenant-scoped state client (opened on first use)."""
+        if self._state is None:
+            self._state = open_state(self.state_url, self.tenant, self.pool)
+        return self._state
+
+    @property
+    def state_ops(self) -> int:
+        return self._state.ops if self._state is not None else 0
 
     def process(self, packets: Sequence[nsh.NshFrame]) -> list[Verdict]:
         """Decide what happens to each packet of a batch.
@@ -136,9 +158,14 @@ class Runtime:
         self.counters = counters
         self.batch = batch
         self.draining = False
+        self.state_down = False
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.sock.bind((iface, 0))
         self.sock.setblocking(False)
+        try:  # room for bursts while a batch waits on the state server (FORCE: past rmem_max, root)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
 
     def _on_term(self, signum: int, _frame: Any) -> None:
         log.info("%s: signal %d, draining", self.nf.instance, signum)
@@ -173,6 +200,16 @@ class Runtime:
             return
         try:
             verdicts = self.nf.process(parsed)
+            if self.state_down:
+                log.warning("%s: state server reachable again", self.nf.instance)
+                self.state_down = False
+        except StateUnavailable as err:
+            if not self.state_down:
+                log.error("%s: %s; dropping packets until it is back (fail closed)", self.nf.instance, err)
+                self.state_down = True
+            for _ in parsed:
+                c.drop("state_unavailable")
+            return
         except Exception:  # an NF bug must cost the batch, never the process
             log.exception("%s: NF raised on a batch of %d", self.nf.instance, len(parsed))
             for _ in parsed:

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import yaml
 
@@ -467,7 +467,9 @@ class Lab:
         self._next_mgmt += 1
         self._join_management(node, mgmt_ip)
         config = self.run_dir / f"{iid}.config.yaml"
-        config.write_text(yaml.safe_dump(dict(pool.config)))
+        config.write_text(yaml.safe_dump({
+            **_plain(pool.config),
+            "statelab": {"tenant": tenant.name, "tenant_id": tenant.id, "pool": pool.name}}))
         counters = self.run_dir / f"{iid}.counters.json"
         log = self.run_dir / f"{iid}.log"
         command = list(pool.command) if pool.command else [sys.executable, "-m", f"nfs.{pool.kind}"]
@@ -547,6 +549,15 @@ class Lab:
 
     def iter_instances(self) -> Iterator[Instance]:
         return iter(list(self.instances.values()))
+
+
+def _plain(value: Any) -> Any:
+    """A spec value (read-only mappings, tuples) as plain dicts and lists for YAML."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -1,0 +1,132 @@
+"""Run real NF processes on veth pairs and talk NSH to them, as the fabric would.
+
+For the tests of issue "shared state / crash safety / bad input": each :class:`NFProcess` is a
+real ``python -m nfs.<kind>`` process on one end of a veth pair; the test holds the other end
+with an AF_PACKET socket. Both ends stay in the root namespace so the NF reaches the test
+Redis on 127.0.0.1. Needs root. Every interface and process is ended by name/PID in close().
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from nfs import nsh
+
+REPO = Path(__file__).resolve().parents[1]
+FABRIC_MAC = bytes.fromhex("025e00000001")
+_serial = itertools.count(1)
+
+
+def nsh_frame(inner: bytes, spi: int = 2, si: int = 255, tenant: int = 1,
+              dst_mac: bytes = bytes.fromhex("024e46000001")) -> bytes:
+    """Wrap an inner Ethernet frame the way the fabric does (MD type 1, C1 = tenant)."""
+    import struct
+    header = struct.pack("!BBBBI", 0x0F, 0xC6, 1, 3, (spi << 8) | si) + struct.pack("!I", tenant) + bytes(12)
+    return dst_mac + FABRIC_MAC + b"\x89\x4f" + header + inner
+
+
+class NFProcess:
+    """One NF process on a veth pair.
+
+    Args:
+        kind: NF kind (module ``nfs.<kind>``).
+        config: the pool config (the ``statelab`` section is added: tenant, tenant_id, pool).
+        state_url: the ``--state`` URL.
+        tmp: a directory for config, counters and log.
+        tenant: tenant name; tenant_id: its id; pool: pool name.
+    """
+
+    def __init__(self, kind: str, config: dict[str, Any], state_url: Optional[str], tmp: Path,
+                 tenant: str = "red", tenant_id: int = 1, pool: Optional[str] = None) -> None:
+        n = next(_serial)
+        self.name = f"{kind}-{os.getpid() % 10000}-{n}"
+        self.ours, self.theirs = f"nft{os.getpid() % 1000}x{n}", f"nft{os.getpid() % 1000}y{n}"
+        for cmd in (["ip", "link", "add", self.ours, "type", "veth", "peer", "name", self.theirs],
+                    ["ip", "link", "set", self.ours, "mtu", "1600", "up"],
+                    ["ip", "link", "set", self.theirs, "mtu", "1600", "up"]):
+            subprocess.run(cmd, check=True, capture_output=True)
+        for ifname in (self.ours, self.theirs):
+            subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1"], capture_output=True)
+        self.config_path = tmp / f"{self.name}.yaml"
+        self.config_path.write_text(yaml.safe_dump({**config, "statelab": {
+            "tenant": tenant, "tenant_id": tenant_id, "pool": pool or kind}}))
+        self.counters_path = tmp / f"{self.name}.counters.json"
+        self.log_path = tmp / f"{self.name}.log"
+        argv = [sys.executable, "-m", f"nfs.{kind}", "--iface", self.theirs, "--instance", self.name,
+                "--config", str(self.config_path), "--counters", str(self.counters_path)]
+        if state_url:
+            argv += ["--state", state_url]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.sock.bind((self.ours, 0))
+        deadline = time.monotonic() + 15
+        while not self.counters_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"NF {self.name} did not start (exit {self.proc.poll()}):\n"
+                                   + self.log_path.read_text()[-2000:])
+            time.sleep(0.02)
+
+    def send(self, frame: bytes) -> None:
+        self.sock.send(frame)
+
+    def receive(self, timeout: float = 2.0) -> list[bytes]:
+        """Every frame the NF sent back within ``timeout`` (stops 0.2 s after the last one)."""
+        out: list[bytes] = []
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            wait = min(end - time.monotonic(), 0.2) if out else end - time.monotonic()
+            r, _, _ = select.select([self.sock], [], [], max(wait, 0))
+            if not r:
+                if out:
+                    break
+                continue
+            data, addr = self.sock.recvfrom(65535)
+            if addr[2] != socket.PACKET_OUTGOING:
+                out.append(data)
+        return out
+
+    def exchange(self, inner: bytes, timeout: float = 2.0, **nsh_fields: Any) -> Optional[nsh.NshFrame]:
+        """Send one inner frame wrapped in NSH; return the NF's reply (parsed) or None if dropped."""
+        self.send(nsh_frame(inner, **nsh_fields))
+        replies = self.receive(timeout)
+        assert len(replies) <= 1, f"{len(replies)} replies to one packet"
+        return nsh.parse(replies[0]) if replies else None
+
+    def counters(self, settle: float = 0.5) -> dict[str, Any]:
+        """The NF's counters, read after they were rewritten at least once (``settle`` s)."""
+        time.sleep(settle)
+        return json.loads(self.counters_path.read_text())
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.sock.close()
+        self.log.close()
+        subprocess.run(["ip", "link", "del", self.ours], capture_output=True)
