@@ -183,8 +183,11 @@ class Lab:
                 for _ in range(pool.instances):
                     self._add_instance(tenant, pool, attach=False)
         self.progress("starting the fabric")
-        for node in self.hosts.values():
-            node.configDefault()
+        for tenant in self.topo.tenants:
+            for h in tenant.hosts:
+                node = self.hosts[h.name]
+                node.configDefault()
+                self._default_route(node, tenant, h)
         self.net.built = True  # nodes and links are built above; Mininet only starts the switch
         self.net.start()
         self.plan = self._plan(host_ports)
@@ -318,9 +321,19 @@ class Lab:
                 self._link(node, port, mac)
                 self.hosts[h.name] = node
                 ports.append(HostPort(tenant.id, port, mac, spi_of(tenant.id, DIRECTIONS[
-                    "outbound" if h.zone == "inside" else "inbound"])))
+                    "outbound" if h.zone == "inside" else "inbound"]), str(h.ip.ip)))
                 port += 1
         return ports
+
+    def _default_route(self, node: Any, tenant: "specmod.Tenant", host: "specmod.Host") -> None:
+        """Route everything off the host's subnet (NAT public addresses, VIPs, remote sites) into
+        the fabric: default via a virtual gateway (the subnet's last address) whose MAC is fixed,
+        so no ARP is needed; the fabric delivers IPv4 by destination address anyway."""
+        gateway = gateway_of(host.ip.network)
+        if any(h.ip.ip == gateway for h in tenant.hosts):
+            return
+        node.cmd(f"ip neigh replace {gateway} lladdr {gateway_mac(tenant.id)} nud permanent dev {DATA_IF} && "
+                 f"ip route replace default via {gateway} dev {DATA_IF}")
 
     def _plan(self, host_ports: list[HostPort]) -> SteeringPlan:
         paths, groups = [], {}
@@ -549,6 +562,16 @@ class Lab:
 
     def iter_instances(self) -> Iterator[Instance]:
         return iter(list(self.instances.values()))
+
+
+def gateway_of(network: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """The virtual gateway address of a tenant subnet: its last usable address."""
+    return network.broadcast_address - 1
+
+
+def gateway_mac(tenant_id: int) -> str:
+    """The MAC address tenant hosts use for their virtual gateway."""
+    return f"02:00:{tenant_id >> 8:02x}:{tenant_id & 0xff:02x}:ff:fe"
 
 
 def _plain(value: Any) -> Any:

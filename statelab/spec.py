@@ -18,6 +18,7 @@ every problem found; :func:`validate` returns the problems and never raises. Eac
 from __future__ import annotations
 
 import difflib
+import importlib
 import ipaddress
 import json
 import os
@@ -507,6 +508,7 @@ def _check_meaning(data: Any, report: _Report) -> None:
         _check_addresses(base, hosts, report)
         pools = _mapping(tenant.get("pools"))
         for pool, spec in pools.items():
+            _check_pool_config(base + ("pools", pool), _mapping(spec), report)
             path = base + ("pools", pool, "command")
             command = _mapping(spec).get("command")
             if isinstance(command, str) and path not in report.flagged:
@@ -527,6 +529,43 @@ def _check_meaning(data: Any, report: _Report) -> None:
                     )
                     message = f"no pool {pool!r} in tenant {name!r}"
                     report.add(base + ("chains", direction, index), message, hint)
+
+
+def nf_config_schema(kind: str) -> dict[str, Any] | None:
+    """The JSON Schema of an NF kind's pool ``config`` (``CONFIG_SCHEMA`` of ``nfs.<kind>``)."""
+    try:
+        module = importlib.import_module(f"nfs.{kind}")
+    except ImportError:
+        return None
+    return getattr(module, "CONFIG_SCHEMA", None)
+
+
+def _check_pool_config(path: _Path, pool: Mapping[str, Any], report: _Report) -> None:
+    """Check a pool's ``config`` against its NF's own schema (ours; a vendor ``command`` is free)."""
+    kind, config = pool.get("kind"), pool.get("config", {})
+    if pool.get("command") is not None or not isinstance(kind, str) or not isinstance(config, dict):
+        return
+    if path + ("kind",) in report.flagged or path + ("config",) in report.flagged:
+        return
+    schema = nf_config_schema(kind)
+    if schema is None:
+        return
+    for error in jsonschema.Draft202012Validator(schema).iter_errors(config):
+        where = path + ("config",) + tuple(error.path)
+        if error.validator == "additionalProperties":
+            allowed = list(error.schema.get("properties", {}))
+            for key in error.instance:
+                if key not in allowed:
+                    report.add(where + (key,), f"unknown {kind} setting",
+                               _suggest(key, allowed, f"{kind} settings here"))
+        elif error.validator == "required":
+            for key in error.validator_value:
+                if key not in error.instance:
+                    desc = error.schema.get("properties", {}).get(key, {}).get("description", "")
+                    report.add(where + (key,), f"{kind} needs '{key}'", desc or f"see nfs/{kind}.py")
+        else:
+            desc = error.schema.get("description") or f"see CONFIG_SCHEMA in nfs/{kind}.py"
+            report.add(where, error.message, desc)
 
 
 def _check_addresses(base: _Path, hosts: Mapping[str, dict[str, Any]], report: _Report) -> None:

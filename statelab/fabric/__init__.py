@@ -35,12 +35,17 @@ def spi_of(tenant_id: int, direction: int) -> int:
 
 @dataclass(frozen=True)
 class HostPort:
-    """A tenant host's port on the fabric; what it sends takes path ``spi``."""
+    """A tenant host's port on the fabric; what it sends takes path ``spi``.
+
+    IPv4 leaving the chain is delivered to the host whose ``ip`` it is addressed to (within
+    the tenant), with the destination MAC set to ``mac``; ARP by MAC; broadcast floods.
+    """
 
     tenant: int
     port: int
     mac: str
     spi: int
+    ip: str
 
 
 @dataclass(frozen=True)

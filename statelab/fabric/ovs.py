@@ -10,7 +10,9 @@ Tables (registers: reg0 tenant id, reg1 service path id, reg2 service index, reg
      forged or misplaced NSH is dropped. The outer Ethernet header is removed.
 - 21 copy the returned service index to reg2 and remove NSH.
 - 30 next hop: (path, index) picks the pool's select group, or delivery after the last hop.
-- 40 delivery within the tenant by destination MAC; broadcast floods the tenant's ports.
+- 40 delivery within the tenant: IPv4 by destination address (the destination MAC is set to
+     that host's), ARP by destination MAC, broadcast and multicast flood the tenant's ports;
+     anything else is dropped.
 - 50 encapsulation toward the chosen instance (a group bucket sets reg3 and resubmits here,
      because OVS does not apply encap(nsh) written inside a bucket).
 
@@ -155,11 +157,13 @@ class OvsFabric(Fabric, OVSSwitch):
         for hp in plan.host_ports:
             flows.append(f"flow add table=0,priority=100,in_port={hp.port},vlan_tci=0x0000/0x1000,"
                          f"actions=set_field:{hp.tenant}->reg0,set_field:{hp.spi}->reg1,goto_table:10")
-            flows.append(f"flow add table=40,priority=100,reg0={hp.tenant},dl_dst={hp.mac},"
+            flows.append(f"flow add table=40,priority=100,reg0={hp.tenant},ip,nw_dst={hp.ip},"
+                         f"actions=set_field:{hp.mac}->eth_dst,output:{hp.port}")
+            flows.append(f"flow add table=40,priority=50,reg0={hp.tenant},arp,dl_dst={hp.mac},"
                          f"actions=output:{hp.port}")
         for tenant in sorted({hp.tenant for hp in plan.host_ports}):
             outs = ",".join(f"output:{hp.port}" for hp in plan.host_ports if hp.tenant == tenant)
-            flows.append(f"flow add table=40,priority=50,reg0={tenant},"
+            flows.append(f"flow add table=40,priority=40,reg0={tenant},"
                          f"dl_dst=01:00:00:00:00:00/01:00:00:00:00:00,actions={outs}")
         for path in plan.paths:
             for i, hop in enumerate(path.hops):
