@@ -1,36 +1,54 @@
-"""pytest plugin of statelab: target and topology options, and the lab fixture.
+"""pytest plugin of statelab: options, the lab fixture, and the conformance report.
 
 Registered through the ``pytest11`` entry point, so ``pytest conformance/ --target ovs
---topology FILE`` works from any directory once statelab is installed.
+--topology FILE --report DIR`` works wherever statelab is installed. A run writes, in DIR:
+``junit.xml`` (with each check's figures as properties), ``report.json`` (target, versions,
+topology, every check's verdict, sentence and figures) and a PNG timeline per scale/kill check,
+and prints a one-screen summary table at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
 TARGETS = ("ovs", "bmv2", "tofino-model")
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO / "topologies" / "conformance.yaml"
+_REPORT = pytest.StashKey["object"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("statelab")
-    group.addoption("--target", choices=TARGETS, default="ovs",
-                    help="fabric under test (default: ovs)")
+    group.addoption("--target", choices=TARGETS, default="ovs", help="fabric under test (default: ovs)")
     group.addoption("--topology", default=None,
-                    help="topology YAML (default: statelab's topologies/default.yaml)")
+                    help="topology YAML (default: topologies/conformance.yaml, the reference lab)")
     group.addoption("--report", default=None, metavar="DIR",
-                    help="write the run's reports (JUnit XML) into DIR")
+                    help="write junit.xml, report.json and PNG timelines into DIR")
+
+
+def _topology_path(config: pytest.Config) -> Path:
+    opt = config.getoption("--topology")
+    if opt:
+        return Path(opt)
+    from statelab.spec import DEFAULT_TOPOLOGY
+    return REFERENCE if REFERENCE.exists() else DEFAULT_TOPOLOGY
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "root: needs root, Open vSwitch, Redis and Mininet")
-    report = config.getoption("--report")
-    if report and not config.option.xmlpath:
-        Path(report).mkdir(parents=True, exist_ok=True)
-        config.option.xmlpath = str(Path(report) / "junit.xml")
+    from conformance.core import Report
+    report_dir = config.getoption("--report")
+    if report_dir and not config.option.xmlpath:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        config.option.xmlpath = str(Path(report_dir) / "junit.xml")
+    config.stash[_REPORT] = Report(config.getoption("--target"), _topology_path(config),
+                                   Path(report_dir) if report_dir else None)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -38,12 +56,26 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("needs root (namespaces, veths, Open vSwitch): run with sudo")
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    report = session.config.stash.get(_REPORT, None)
+    if report is not None and report.records:
+        report.write()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    report = config.stash.get(_REPORT, None)
+    if report is None or not report.records:
+        return
+    terminalreporter.section("statelab conformance")
+    terminalreporter.write_line(report.table())
+    if report.directory:
+        terminalreporter.write_line(f"report: {report.directory / 'report.json'}")
+
+
 @pytest.fixture(scope="session")
 def topology_path(pytestconfig: pytest.Config) -> Path:
     """The topology file the run uses."""
-    from statelab.spec import DEFAULT_TOPOLOGY
-    opt = pytestconfig.getoption("--topology")
-    return Path(opt) if opt else DEFAULT_TOPOLOGY
+    return _topology_path(pytestconfig)
 
 
 @pytest.fixture(scope="session")
@@ -57,10 +89,8 @@ def target(pytestconfig: pytest.Config) -> str:
 
 
 @pytest.fixture(scope="module")
-def lab(topology_path: Path, target: str) -> Iterator["object"]:
+def lab(topology_path: Path, target: str) -> Iterator[Any]:
     """A running lab of the run's topology on the run's target; always torn down."""
-    import dataclasses
-
     from statelab.lab import Lab
     from statelab.spec import load
     if os.geteuid() != 0:
@@ -70,3 +100,32 @@ def lab(topology_path: Path, target: str) -> Iterator["object"]:
         topo = dataclasses.replace(topo, fabric_kind=target)
     with Lab(topo) as running:
         yield running
+
+
+@pytest.fixture
+def conformance(lab: Any, request: pytest.FixtureRequest,
+                record_property: Callable[[str, Any], None]) -> Callable[[str], Any]:
+    """Run a check by ID: record its figures and verdict; fail or skip the test accordingly."""
+    from conformance.checks import Context
+    from conformance.core import CHECKS, FAIL, SKIP
+
+    report = request.config.stash[_REPORT]
+
+    def run(check_id: str) -> Any:
+        c = CHECKS[check_id]
+        t0 = time.monotonic()
+        result = c.func(Context(lab, report.directory))
+        report.add(c, result, time.monotonic() - t0)
+        record_property("check", c.id)
+        record_property("sentence", c.sentence)
+        record_property("verdict", result.verdict)
+        for key, value in result.figures.items():
+            record_property(key, value)
+        if result.verdict == SKIP:
+            pytest.skip(f"{c.id}: {result.details}")
+        if result.verdict == FAIL:
+            figs = {k: v for k, v in result.figures.items() if not isinstance(v, dict)}
+            pytest.fail(f"{c.id} FAIL: {c.sentence}\n{result.details}\nfigures: {figs}", pytrace=False)
+        return result
+
+    return run

@@ -388,7 +388,7 @@ class Lab:
         for tenant in self.topo.tenants:
             pw = self.passwords[tenant.name] = secrets.token_hex(16)
             users.append(f"user tenant-{tenant.name} on >{pw} resetkeys ~t:{tenant.name}:* "
-                         f"resetchannels +@all -@admin -@dangerous")
+                         f"resetchannels +@all -@admin -@dangerous -scan -randomkey")
         conf = self.run_dir / "redis.conf"
         conf.write_text("\n".join([
             f"bind {self.state_ip}", f"port {self.topo.state_port}", "protected-mode yes",

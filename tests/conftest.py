@@ -47,7 +47,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     port = _free_port()
     pw = {name: secrets.token_hex(8) for name in ("admin", *TENANTS)}
     users = [f"user admin on >{pw['admin']} ~* &* +@all"] + [
-        f"user tenant-{t} on >{pw[t]} resetkeys ~t:{t}:* resetchannels +@all -@admin -@dangerous"
+        f"user tenant-{t} on >{pw[t]} resetkeys ~t:{t}:* resetchannels +@all -@admin -@dangerous -scan -randomkey"
         for t in TENANTS]
     conf = d / "redis.conf"
     conf.write_text("\n".join([f"bind 127.0.0.1", f"port {port}", 'save ""', "appendonly no",

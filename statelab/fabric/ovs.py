@@ -3,7 +3,8 @@
 Tables (registers: reg0 tenant id, reg1 service path id, reg2 service index, reg3 NF port):
 
 - 0  classify: a tenant host port sets tenant and path; an NF port with NSH goes to 20;
-     anything else (unknown port, VLAN tag on an access port) is dropped and counted.
+     anything else (unknown port, VLAN tag on an access port, NSH from a host) is dropped
+     and counted.
 - 10 chain entry: IPv4 starts the path at index 255; other frames (ARP, broadcast) are
      delivered within the tenant without a chain.
 - 20 return from an NF: only the (port, spi, si, tenant) combinations the plan allows pass;
@@ -155,6 +156,7 @@ class OvsFabric(Fabric, OVSSwitch):
                  "flow add table=10,priority=100,ip,actions=set_field:255->reg2,goto_table:30",
                  "flow add table=10,priority=10,actions=goto_table:40"]
         for hp in plan.host_ports:
+            flows.append(f"flow add table=0,priority=110,in_port={hp.port},dl_type=0x894f,actions=drop")
             flows.append(f"flow add table=0,priority=100,in_port={hp.port},vlan_tci=0x0000/0x1000,"
                          f"actions=set_field:{hp.tenant}->reg0,set_field:{hp.spi}->reg1,goto_table:10")
             flows.append(f"flow add table=40,priority=100,reg0={hp.tenant},ip,nw_dst={hp.ip},"
@@ -214,7 +216,7 @@ class OvsFabric(Fabric, OVSSwitch):
     def dropped(self) -> int:
         out = _run([*OFCTL, "dump-flows", self.name], "reading drop counters")
         return sum(int(tok.split("=")[1].rstrip(","))
-                   for line in out.splitlines() if " priority=0 " in line or " priority=0," in line
+                   for line in out.splitlines() if line.rstrip().endswith("actions=drop")
                    for tok in line.split() if tok.startswith("n_packets="))
 
     def dump(self) -> str:
