@@ -123,11 +123,23 @@ class Packet:
 
     @property
     def sport(self) -> int:
-        return struct.unpack_from("!H", self.buf, self.l4)[0] if self.proto in (PROTO_TCP, PROTO_UDP) else 0
+        """TCP/UDP source port (0 without a transport header, e.g. a later fragment)."""
+        if self.l4 is None or self.proto not in (PROTO_TCP, PROTO_UDP):
+            return 0
+        return struct.unpack_from("!H", self.buf, self.l4)[0]
 
     @property
     def dport(self) -> int:
-        return struct.unpack_from("!H", self.buf, self.l4 + 2)[0] if self.proto in (PROTO_TCP, PROTO_UDP) else 0
+        """TCP/UDP destination port (0 without a transport header)."""
+        if self.l4 is None or self.proto not in (PROTO_TCP, PROTO_UDP):
+            return 0
+        return struct.unpack_from("!H", self.buf, self.l4 + 2)[0]
+
+    @property
+    def frag_offset(self) -> int:
+        """Fragment offset in bytes (0 for unfragmented packets and first fragments)."""
+        (frag,) = struct.unpack_from("!H", self.buf, self._need_ip() + 6)
+        return (frag & 0x1FFF) * 8
 
     def set_sport(self, port: int) -> None:
         struct.pack_into("!H", self.buf, self.l4, port)

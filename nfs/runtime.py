@@ -277,7 +277,11 @@ def main(nf_class: type[NetworkFunction], argv: Optional[Sequence[str]] = None) 
     config: Mapping[str, Any] = {}
     if args.config is not None:
         config = yaml.safe_load(args.config.read_text()) or {}
-    nf = nf_class(config, args.state, args.instance)
+    try:
+        nf = nf_class(config, args.state, args.instance)
+    except ValueError as err:
+        print(f"{args.instance}: bad config {args.config}: {err}", file=sys.stderr)
+        return 2
     try:
         rt = Runtime(nf, args.iface, Counters(args.counters, args.instance, nf_class.kind), args.batch)
     except OSError as err:

@@ -73,6 +73,7 @@ class NFProcess:
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
         self.sock.bind((self.ours, 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: keep every reply
         deadline = time.monotonic() + 15
         while not self.counters_path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -1,0 +1,1 @@
+"""Deliberately broken NFs, for showing that each conformance check can fail."""
