@@ -220,7 +220,7 @@ class Packet:
             return None
         start = self.l4 + 8
         try:
-            return _parse_ip(self.buf, start, ETH_P_IP, quoted=True)
+            return _parse_ip(self.buf, start, ETH_P_IP, quoted=True, limit=self.end)
         except Malformed:
             return None
 
@@ -228,24 +228,26 @@ class Packet:
         return bytes(self.buf[:self.end])
 
 
-def _parse_ip(buf: bytearray, ip: int, ethertype: int, quoted: bool = False) -> Packet:
-    if len(buf) < ip + 20:
+def _parse_ip(buf: bytearray, ip: int, ethertype: int, quoted: bool = False,
+              limit: Optional[int] = None) -> Packet:
+    size = len(buf) if limit is None else limit
+    if size < ip + 20:
         raise Malformed("truncated_ipv4")
     vihl = buf[ip]
     if vihl >> 4 != 4:
         raise Malformed("bad_ip_version")
     ihl = (vihl & 0xF) * 4
-    if ihl < 20 or len(buf) < ip + ihl:
+    if ihl < 20 or size < ip + ihl:
         raise Malformed("bad_ip_header_length")
     (total,) = struct.unpack_from("!H", buf, ip + 2)
     if not quoted:
-        if total < ihl or len(buf) < ip + total:
+        if total < ihl or size < ip + total:
             raise Malformed("bad_ip_total_length")
         if checksum(bytes(buf[ip:ip + ihl])) != 0:
             raise Malformed("bad_ip_checksum")
         end = ip + total
     else:
-        end = len(buf)
+        end = size  # a quote: as much as the ICMP error carries
     proto = buf[ip + 9]
     (frag,) = struct.unpack_from("!H", buf, ip + 6)
     l4: Optional[int] = ip + ihl
@@ -254,9 +256,10 @@ def _parse_ip(buf: bytearray, ip: int, ethertype: int, quoted: bool = False) -> 
     elif proto == PROTO_TCP:
         if end < l4 + (8 if quoted else 20):
             raise Malformed("truncated_tcp")
-        doff = (buf[l4 + 12] >> 4) * 4
-        if not quoted and (doff < 20 or l4 + doff > end):
-            raise Malformed("bad_tcp_offset")
+        if not quoted:
+            doff = (buf[l4 + 12] >> 4) * 4
+            if doff < 20 or l4 + doff > end:
+                raise Malformed("bad_tcp_offset")
     elif proto == PROTO_UDP:
         if end < l4 + 8:
             raise Malformed("truncated_udp")

@@ -78,3 +78,11 @@ def test_malformed_headers_are_named(frame: bytes, reason: str) -> None:
     with pytest.raises(Malformed) as err:
         packet.parse(frame)
     assert err.value.reason == reason
+
+
+def test_icmp_error_quoting_only_eight_bytes_of_tcp() -> None:
+    """The usual quote (RFC 792: IP header + 8 bytes) of a TCP segment, with Ethernet padding after it."""
+    quoted = raw(IPerror(src="10.0.0.1", dst="203.0.113.9") / TCPerror(sport=40000, dport=80))[:28]
+    frame = raw(ETH / IP(src="203.0.113.1", dst="10.0.0.1") / ICMP(type=11, code=0) / quoted) + b"\0" * 6
+    inner = packet.parse(frame).inner_ip()
+    assert inner is not None and (inner.sport, inner.dport, inner.end) == (40000, 80, len(frame) - 6)
