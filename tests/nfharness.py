@@ -9,6 +9,7 @@ Redis on 127.0.0.1. Needs root. Every interface and process is ended by name/PID
 from __future__ import annotations
 
 import itertools
+import secrets
 import json
 import os
 import select
@@ -51,14 +52,14 @@ class NFProcess:
     def __init__(self, kind: str, config: dict[str, Any], state_url: Optional[str], tmp: Path,
                  tenant: str = "red", tenant_id: int = 1, pool: Optional[str] = None) -> None:
         n = next(_serial)
-        self.name = f"{kind}-{os.getpid() % 10000}-{n}"
-        self.ours, self.theirs = f"nft{os.getpid() % 1000}x{n}", f"nft{os.getpid() % 1000}y{n}"
-        for cmd in (["ip", "link", "add", self.ours, "type", "veth", "peer", "name", self.theirs],
-                    ["ip", "link", "set", self.ours, "mtu", "1600", "up"],
-                    ["ip", "link", "set", self.theirs, "mtu", "1600", "up"]):
-            subprocess.run(cmd, check=True, capture_output=True)
-        for ifname in (self.ours, self.theirs):
+        tag = secrets.token_hex(3)
+        self.name = f"{kind}-{tag}-{n}"
+        self.ours, self.theirs = f"nft{tag}x", f"nft{tag}y"
+        subprocess.run(["ip", "link", "add", self.ours, "type", "veth", "peer", "name", self.theirs],
+                       check=True, capture_output=True)
+        for ifname in (self.ours, self.theirs):  # before the links are up: no IPv6 chatter at all
             subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1"], capture_output=True)
+            subprocess.run(["ip", "link", "set", ifname, "mtu", "1600", "up"], check=True, capture_output=True)
         self.config_path = tmp / f"{self.name}.yaml"
         self.config_path.write_text(yaml.safe_dump({**config, "statelab": {
             "tenant": tenant, "tenant_id": tenant_id, "pool": pool or kind}}))
@@ -96,8 +97,8 @@ class NFProcess:
                     break
                 continue
             data, addr = self.sock.recvfrom(65535)
-            if addr[2] != socket.PACKET_OUTGOING:
-                out.append(data)
+            if addr[2] != socket.PACKET_OUTGOING and data[12:14] == b"\x89\x4f":
+                out.append(data)  # only NSH: what an NF sends back
         return out
 
     def exchange(self, inner: bytes, timeout: float = 2.0, **nsh_fields: Any) -> Optional[nsh.NshFrame]:
