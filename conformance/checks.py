@@ -35,13 +35,34 @@ _sports = itertools.count(20000, 100)
 
 @dataclass
 class Context:
-    """What a check gets: the lab and where its pictures go."""
+    """What a check gets: the lab, where its pictures go, and optionally which pools to use.
+
+    Attributes:
+        lab: the running lab.
+        out: directory for PNG timelines (None: no pictures).
+        only: ``"tenant/pool"`` names to limit per-pool checks to (None: every pool).
+    """
 
     lab: Any
     out: Optional[Path]
+    only: Optional[frozenset[str]] = None
 
     def png(self, name: str) -> Optional[Path]:
         return self.out / f"{name}.png" if self.out else None
+
+    def pools(self, kind: Optional[str] = None, one_per_kind: bool = False) -> list[tuple["Scenario", Any]]:
+        """(scenario, pool) pairs to exercise: every pool in use, or one per NF kind."""
+        pairs = [(sc, p) for sc, p in pools_in_use(self.lab.topo)
+                 if (self.only is None or f"{sc.tenant}/{p.name}" in self.only)
+                 and (kind is None or p.kind == kind)]
+        if not one_per_kind:
+            return pairs
+        out, kinds = [], set()
+        for sc, p in pairs:
+            if p.kind not in kinds:
+                kinds.add(p.kind)
+                out.append((sc, p))
+        return out
 
 
 # -- traffic scenarios derived from the topology --------------------------------------------
@@ -92,16 +113,6 @@ def pools_in_use(topo: Any) -> list[tuple[Scenario, Any]]:
             if pool.name not in seen:
                 seen.add(pool.name)
                 out.append((sc, pool))
-    return out
-
-
-def one_pool_per_kind(topo: Any, kind: Optional[str] = None) -> list[tuple[Scenario, Any]]:
-    """The first pool of each NF kind (or only of ``kind``) with its tenant's scenario."""
-    out, kinds = [], set()
-    for sc, pool in pools_in_use(topo):
-        if pool.kind not in kinds and (kind is None or pool.kind == kind):
-            kinds.add(pool.kind)
-            out.append((sc, pool))
     return out
 
 
@@ -384,7 +395,7 @@ def scale_1(ctx: Context) -> Result:
     per_pool: dict[str, dict[str, Any]] = {}
     problems = []
     first_png = None
-    for sc, pool in pools_in_use(lab.topo):
+    for sc, pool in ctx.pools():
         t0 = time.time()
         load = under_load(ctx, sc, lambda: lab.control.scale_out(sc.tenant, pool.name)[0],
                           [f"{sc.tenant}-{pool.name}-"])
@@ -424,7 +435,7 @@ def scale_2(ctx: Context) -> Result:
     per_pool: dict[str, dict[str, Any]] = {}
     problems = []
     first_png = None
-    for sc, pool in pools_in_use(lab.topo):
+    for sc, pool in ctx.pools():
         lab.control.scale_out(sc.tenant, pool.name)
         load = under_load(ctx, sc, lambda: lab.control.scale_in(sc.tenant, pool.name)[0],
                           [f"{sc.tenant}-{pool.name}-"])
@@ -479,7 +490,7 @@ def cont_1(ctx: Context) -> Result:
     lab = ctx.lab
     per_kind: dict[str, dict[str, Any]] = {}
     problems, first_png = [], None
-    for sc, pool in one_pool_per_kind(lab.topo):
+    for sc, pool in ctx.pools(one_per_kind=True):
         load = _kill_busiest(ctx, sc, pool)
         f = load.figures()
         f["killed"] = load.event_result
@@ -495,8 +506,8 @@ def cont_1(ctx: Context) -> Result:
     return verdict(not problems, figures, "; ".join(problems), first_png)
 
 
-def _need(lab: Any, kind: str) -> Optional[tuple[Scenario, Any]]:
-    found = one_pool_per_kind(lab.topo, kind)
+def _need(ctx: Context, kind: str) -> Optional[tuple[Scenario, Any]]:
+    found = ctx.pools(kind)
     return found[0] if found else None
 
 
@@ -510,7 +521,7 @@ def cont_2(ctx: Context) -> Result:
     a packet as not belonging to a connection.
     """
     lab = ctx.lab
-    found = _need(lab, "firewall")
+    found = _need(ctx, "firewall")
     if not found:
         return Result(SKIP, details="the topology has no firewall pool")
     sc, pool = found
@@ -537,7 +548,7 @@ def cont_3(ctx: Context) -> Result:
     connection may break.
     """
     lab = ctx.lab
-    found = _need(lab, "nat")
+    found = _need(ctx, "nat")
     if not found:
         return Result(SKIP, details="the topology has no nat pool")
     sc, pool = found
@@ -617,7 +628,7 @@ def cont_4(ctx: Context) -> Result:
     decrypting pool is captured; then some captured packets are sent again (replays).
     """
     lab = ctx.lab
-    ipsec = [(sc, p) for sc, p in pools_in_use(lab.topo) if p.kind == "ipsec"]
+    ipsec = ctx.pools("ipsec")
     if not ipsec:
         return Result(SKIP, details="the topology has no ipsec pool")
     sc = ipsec[0][0]
@@ -664,7 +675,7 @@ def cont_5(ctx: Context) -> Result:
     no connection may break and every connection must be seen by exactly one backend.
     """
     lab = ctx.lab
-    found = _need(lab, "lb")
+    found = _need(ctx, "lb")
     if not found:
         return Result(SKIP, details="the topology has no lb pool")
     sc, pool = found
