@@ -458,7 +458,8 @@ def scale_2(ctx: Context) -> Result:
 
 # -- CONT: state continuity across crashes ---------------------------------------------------
 
-def _kill_busiest(ctx: Context, sc: Scenario, pool: Any, udp: bool = True, tcp: bool = True) -> Load:
+def _kill_busiest(ctx: Context, sc: Scenario, pool: Any, udp: bool = True, tcp: bool = True,
+                  also_follow: tuple[str, ...] = ()) -> Load:
     lab = ctx.lab
 
     def kill() -> str:
@@ -466,7 +467,7 @@ def _kill_busiest(ctx: Context, sc: Scenario, pool: Any, udp: bool = True, tcp: 
         lab.control.kill(victim.id)
         return victim.id
 
-    load = under_load(ctx, sc, kill, [f"{sc.tenant}-{pool.name}-"], udp=udp, tcp=tcp)
+    load = under_load(ctx, sc, kill, [f"{sc.tenant}-{pool.name}-", *also_follow], udp=udp, tcp=tcp)
     lab.control.scale_out(sc.tenant, pool.name)  # back to the topology's size
     return load
 
@@ -643,7 +644,7 @@ def cont_4(ctx: Context) -> Result:
     cap = EspCapture(lab, dec_instances)
     replay_before = sum(i.counters().get("drops", {}).get("replay", 0) for i in dec_instances)
     try:
-        load = _kill_busiest(ctx, sc, enc, tcp=False)
+        load = _kill_busiest(ctx, sc, enc, tcp=False, also_follow=(f"{sc.tenant}-{dec.name}-",))
         time.sleep(0.3)
         cap.stop()
         f = load.figures()

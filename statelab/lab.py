@@ -130,6 +130,7 @@ class Lab:
         self.plan: Optional[SteeringPlan] = None
         self.state_node: Any = None
         self.state_ip = ""
+        self.mgmt = topology.management
         self.passwords: dict[str, str] = {}
         self._next_port = NF_PORT_BASE
         self._next_mgmt = 10
@@ -276,14 +277,27 @@ class Lab:
             self.record.save()
 
     def _check_management_subnet(self) -> None:
-        subnet = self.topo.management
+        """Use the topology's management subnet; if it is the default and another lab (or
+        anything else) already uses it, take the next free /24 of 198.18.0.0/15."""
         out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            parts = line.split()
-            addr = ipaddress.IPv4Interface(parts[3])
-            if addr.network.overlaps(subnet):
-                raise LabError(f"management subnet {subnet} overlaps {addr} on interface {parts[1]}; "
-                               f"set `management: {{subnet: ...}}` in the topology to an unused range")
+        used = [(ipaddress.IPv4Interface(line.split()[3]), line.split()[1]) for line in out.splitlines()]
+
+        def clash(net: ipaddress.IPv4Network) -> Optional[str]:
+            return next((f"{addr} on interface {ifname}" for addr, ifname in used if addr.network.overlaps(net)), None)
+
+        subnet = self.topo.management
+        taken = clash(subnet)
+        if taken is None:
+            self.mgmt = subnet
+            return
+        if subnet == specmod.DEFAULT_MANAGEMENT:
+            for net in ipaddress.IPv4Network("198.18.0.0/15").subnets(new_prefix=24):
+                if clash(net) is None:
+                    self.progress(f"management subnet {subnet} is in use ({taken}); using {net}")
+                    self.mgmt = net
+                    return
+        raise LabError(f"management subnet {subnet} overlaps {taken}; "
+                       f"set `management: {{subnet: ...}}` in the topology to an unused range")
 
     def _add_node(self, name: str, **params: Any) -> Any:
         node = self.net.addHost(name, **params)
@@ -350,14 +364,14 @@ class Lab:
     # -- management network and state server --------------------------------------------
 
     def _mgmt_ip(self, index: int) -> str:
-        return str(self.topo.management.network_address + index)
+        return str(self.mgmt.network_address + index)
 
     def _add_management_bridge(self) -> None:
         br = f"m{self.tag}"
         self.record.linux_bridges.append(br)
         self.record.save()
         for cmd in (["ip", "link", "add", br, "type", "bridge"],
-                    ["ip", "addr", "add", f"{self._mgmt_ip(1)}/{self.topo.management.prefixlen}", "dev", br],
+                    ["ip", "addr", "add", f"{self._mgmt_ip(1)}/{self.mgmt.prefixlen}", "dev", br],
                     ["ip", "link", "set", br, "up"]):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -375,7 +389,7 @@ class Lab:
             if proc.returncode != 0:
                 raise LabError(f"management link of {node.name}: {proc.stderr.strip()}")
         self._tune_root_intf(root_if)
-        node.cmd(f"ip addr add {ip}/{self.topo.management.prefixlen} dev {MGMT_IF} && "
+        node.cmd(f"ip addr add {ip}/{self.mgmt.prefixlen} dev {MGMT_IF} && "
                  f"ip link set {MGMT_IF} up && ip link set lo up")
 
     def _start_state_server(self) -> None:

@@ -1,0 +1,173 @@
+"""The conformance checks can fail: each one, run against a deliberately broken lab, says FAIL
+with the figure that shows why.
+
+Two broken labs, both built from the reference topology:
+
+- a fabric that misbehaves (flows and group buckets added behind the controller's back) and a
+  state server whose ACL was widened: for ISO-1 .. ISO-4;
+- NFs that keep their state in their own memory (``tests/brokennfs/``, named as
+  the pools' ``command`` like a vendor NF would be): for SCALE-1/2 and CONT-1 .. CONT-5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from conformance.checks import Context
+from conformance.core import CHECKS, FAIL, Result
+from statelab.lab import Lab
+from statelab.spec import Topology, load
+
+pytestmark = pytest.mark.root
+REFERENCE = Path(__file__).resolve().parents[1] / "topologies" / "conformance.yaml"
+# Each NF kind with its state in process memory. Our LB's backend choice is a deterministic
+# hash, so in-process state alone does not break it: its broken twin also picks at random.
+BROKEN = {kind: (sys.executable, "-m", "tests.brokennfs.localstate", kind)
+          for kind in ("firewall", "nat", "ipsec", "router", "forward")}
+BROKEN["lb"] = (sys.executable, "-m", "tests.brokennfs.lb_random")
+
+
+def variant(name: str, tenants: set[str], local_state: bool = False) -> Topology:
+    """The reference topology, cut down to ``tenants``, optionally with local-state NFs."""
+    topo = load(REFERENCE)
+    kept = []
+    for t in topo.tenants:
+        if t.name not in tenants:
+            continue
+        if local_state:
+            t = dataclasses.replace(t, pools=tuple(dataclasses.replace(p, command=BROKEN[p.kind]) for p in t.pools))
+        kept.append(t)
+    return dataclasses.replace(topo, name=name, tenants=tuple(kept))
+
+
+def run(lab: Any, check_id: str, only: set[str] | None = None) -> Result:
+    return CHECKS[check_id].func(Context(lab, None, frozenset(only) if only else None))
+
+
+def ofctl(lab: Any, *args: str) -> None:
+    subprocess.run(["ovs-ofctl", "-O", "OpenFlow15", *args], check=True, capture_output=True)
+
+
+def port_of(lab: Any, host: str) -> int:
+    mac = lab.host(host).MAC()
+    return next(hp.port for hp in lab.plan.host_ports if hp.mac == mac)
+
+
+# -- a misbehaving fabric and state server ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fabric_lab() -> Iterator[Any]:
+    with Lab(variant("cf-fabric", {"red", "blue"})) as lab:
+        yield lab
+
+
+def test_iso_1_fails_when_the_fabric_leaks_a_tenant(fabric_lab) -> None:
+    lab = fabric_lab
+    br = lab.fabric.name
+    ofctl(lab, "add-flow", br, f"table=40,priority=200,cookie=0xbad,reg0=1,ip,nw_dst=10.0.0.2,"
+                               f"actions=output:{port_of(lab, 'r2')},output:{port_of(lab, 'b2')}")
+    try:
+        result = run(lab, "ISO-1")
+    finally:
+        ofctl(lab, "del-flows", br, "cookie=0xbad/-1")
+    assert result.verdict == FAIL
+    assert result.figures["leaked_packets"] > 0
+    assert any(k.endswith("->b2") for k in result.figures["leaks"])
+
+
+def test_iso_2_fails_when_the_fabric_trusts_a_vlan_tag(fabric_lab) -> None:
+    lab = fabric_lab
+    br = lab.fabric.name
+    ofctl(lab, "add-flow", br, f"table=0,priority=200,cookie=0xbad,in_port={port_of(lab, 'r1')},dl_vlan=2,"
+                               f"actions=pop_vlan,set_field:2->reg0,set_field:4->reg1,goto_table:10")
+    try:
+        result = run(lab, "ISO-2")
+    finally:
+        ofctl(lab, "del-flows", br, "cookie=0xbad/-1")
+    assert result.verdict == FAIL
+    assert result.figures["delivered_to_hosts"] + result.figures["delivered_to_nfs"] > 0
+
+
+def test_iso_3_fails_when_a_pool_gets_another_tenants_traffic(fabric_lab) -> None:
+    lab = fabric_lab
+    red_fw = lab.pool_instances("red", "fw")[0]
+    group = lab.plan.groups[(2, "fw")]
+    ofctl(lab, "insert-buckets", lab.fabric.name,
+          f"group_id={group},command_bucket_id=last,bucket=bucket_id:999,weight:10000,"
+          f"actions=set_field:{red_fw.member.port}->reg3,resubmit(,50)")
+    try:
+        result = run(lab, "ISO-3")
+    finally:
+        ofctl(lab, "remove-buckets", lab.fabric.name, f"group_id={group},command_bucket_id=999")
+    assert result.verdict == FAIL
+    assert result.figures["foreign_packets"] > 0
+    assert red_fw.id in result.figures["foreign"]
+
+
+def test_iso_4_fails_when_a_tenant_user_may_read_every_key(fabric_lab) -> None:
+    lab = fabric_lab
+    admin = lab.redis()
+    admin.execute_command("ACL", "SETUSER", "tenant-red", "allkeys")
+    try:
+        result = run(lab, "ISO-4")
+    finally:
+        admin.execute_command("ACL", "SETUSER", "tenant-red", "resetkeys", "~t:red:*")
+    assert result.verdict == FAIL
+    assert result.figures["allowed"] > 0
+    assert any(op.startswith("red GET") for op in result.figures["allowed_operations"])
+
+
+# -- NFs that keep state in their own memory -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_lab() -> Iterator[Any]:
+    with Lab(variant("cf-local", {"red", "green", "lbt"}, local_state=True)) as lab:
+        yield lab
+
+
+def test_scale_1_fails_with_in_process_state(local_lab) -> None:
+    result = run(local_lab, "SCALE-1", {"red/fw"})
+    assert result.verdict == FAIL
+    assert result.figures["tcp_broken"] > 0
+
+
+def test_scale_2_fails_with_in_process_state(local_lab) -> None:
+    result = run(local_lab, "SCALE-2", {"red/fw"})
+    assert result.verdict == FAIL
+    assert result.figures["tcp_broken"] > 0
+
+
+def test_cont_1_fails_with_in_process_state(local_lab) -> None:
+    result = run(local_lab, "CONT-1", {"red/fw"})
+    assert result.verdict == FAIL
+    assert result.figures["tcp_broken"] > 0
+
+
+def test_cont_2_fails_with_in_process_state(local_lab) -> None:
+    result = run(local_lab, "CONT-2", {"red/fw"})
+    assert result.verdict == FAIL
+    assert result.figures["tcp_broken"] > 0 or result.figures["survivor_no_connection_drops"] > 0
+
+
+def test_cont_3_fails_with_in_process_nat_mappings(local_lab) -> None:
+    result = run(local_lab, "CONT-3", {"red/nat"})
+    assert result.verdict == FAIL
+    assert result.figures["flows_remapped"] > 0 or result.figures["tcp_broken"] > 0
+
+
+def test_cont_4_fails_when_ipsec_counts_sequence_numbers_in_process(local_lab) -> None:
+    result = run(local_lab, "CONT-4", {"green/gwa", "green/gwb"})
+    assert result.verdict == FAIL
+    assert result.figures["duplicate_spi_seq"] > 0
+
+
+def test_cont_5_fails_with_in_process_lb_connections(local_lab) -> None:
+    result = run(local_lab, "CONT-5", {"lbt/lb"})
+    assert result.verdict == FAIL
+    assert result.figures["tcp_broken"] > 0 or result.figures["connections_moved"] > 0
