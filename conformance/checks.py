@@ -373,12 +373,28 @@ def iso_4(ctx: Context) -> Result:
 
 # -- SCALE: zero-downtime scaling -------------------------------------------------------------
 
-def _scale_figures(load: Load) -> dict[str, Any]:
-    return load.figures()
-
-
 def _no_disruption(f: dict[str, Any]) -> bool:
     return (f.get("udp_lost", 0) == 0 and f.get("udp_duplicates", 0) == 0 and f.get("tcp_broken", 0) == 0)
+
+
+def _plot(ctx: Context, load: Load, name: str, title: str, f: dict[str, Any]) -> Optional[Path]:
+    png = ctx.png(name)
+    if png:
+        load.timeline.plot(png, title)
+        f["timeline"] = str(png)
+    return png
+
+
+def _pool_outcome(ctx: Context, check_id: str, what: str, sc: Scenario, pool: Any, load: Load,
+                  f: dict[str, Any], per_pool: dict[str, dict[str, Any]], problems: list[str]) -> Optional[Path]:
+    """Plot a pool's timeline, file its figures, note any disruption; return the PNG."""
+    label = _pool_label(sc, pool)
+    png = _plot(ctx, load, f"{check_id}-{sc.tenant}-{pool.name}", f"{check_id} {what} of {label} under load", f)
+    per_pool[label] = f
+    if not _no_disruption(f):
+        problems.append(f"{label}: lost {f.get('udp_lost')}, duplicated {f.get('udp_duplicates')}, "
+                        f"TCP broken {f.get('tcp_broken')} {f.get('tcp_errors', '')}")
+    return png
 
 
 @check("SCALE-1")
@@ -400,23 +416,15 @@ def scale_1(ctx: Context) -> Result:
         load = under_load(ctx, sc, lambda: lab.control.scale_out(sc.tenant, pool.name)[0],
                           [f"{sc.tenant}-{pool.name}-"])
         new = load.event_result
-        f = _scale_figures(load)
+        f = load.figures()
         f["scale_out_ms"] = round((lab.control.events[-1][0] - load.event_at) * 1000, 1) if lab.control.events else None
         f["new_instance"] = new.id
         f["new_instance_packets"] = load.timeline.carried(new.id, load.event_at)
         f["reaction_ms"] = first_packet_ms(load.timeline, new.id, load.event_at)
-        png = ctx.png(f"SCALE-1-{sc.tenant}-{pool.name}")
-        if png:
-            load.timeline.plot(png, f"SCALE-1 scale-out of {_pool_label(sc, pool)} under load")
-            f["timeline"] = str(png)
-            first_png = first_png or png
-        label = _pool_label(sc, pool)
-        per_pool[label] = f
-        if not _no_disruption(f):
-            problems.append(f"{label}: lost {f.get('udp_lost')}, duplicated {f.get('udp_duplicates')}, "
-                            f"TCP broken {f.get('tcp_broken')} {f.get('tcp_errors', '')}")
+        png = _pool_outcome(ctx, "SCALE-1", "scale-out", sc, pool, load, f, per_pool, problems)
+        first_png = first_png or png
         if not f["new_instance_packets"]:
-            problems.append(f"{label}: the new instance {new.id} carried no packet")
+            problems.append(f"{_pool_label(sc, pool)}: the new instance {new.id} carried no packet")
         lab.control.scale_in(sc.tenant, pool.name)  # back to the topology's size
         f["seconds"] = round(time.time() - t0, 1)
     figures = _collect(per_pool, ("udp_lost", "udp_duplicates", "tcp_broken"))
@@ -439,19 +447,11 @@ def scale_2(ctx: Context) -> Result:
         lab.control.scale_out(sc.tenant, pool.name)
         load = under_load(ctx, sc, lambda: lab.control.scale_in(sc.tenant, pool.name)[0],
                           [f"{sc.tenant}-{pool.name}-"])
-        f = _scale_figures(load)
+        f = load.figures()
         f["removed_instance"] = load.event_result
         f["drain_ms"] = round((time.time() - load.event_at) * 1000, 1)
-        png = ctx.png(f"SCALE-2-{sc.tenant}-{pool.name}")
-        if png:
-            load.timeline.plot(png, f"SCALE-2 scale-in (drain) of {_pool_label(sc, pool)} under load")
-            f["timeline"] = str(png)
-            first_png = first_png or png
-        label = _pool_label(sc, pool)
-        per_pool[label] = f
-        if not _no_disruption(f):
-            problems.append(f"{label}: lost {f.get('udp_lost')}, duplicated {f.get('udp_duplicates')}, "
-                            f"TCP broken {f.get('tcp_broken')} {f.get('tcp_errors', '')}")
+        png = _pool_outcome(ctx, "SCALE-2", "scale-in (drain)", sc, pool, load, f, per_pool, problems)
+        first_png = first_png or png
     figures = _collect(per_pool, ("udp_lost", "udp_duplicates", "tcp_broken"))
     return verdict(not problems, figures, "; ".join(problems), first_png)
 
@@ -472,14 +472,6 @@ def _kill_busiest(ctx: Context, sc: Scenario, pool: Any, udp: bool = True, tcp: 
     return load
 
 
-def _plot(ctx: Context, load: Load, name: str, title: str, f: dict[str, Any]) -> Optional[Path]:
-    png = ctx.png(name)
-    if png:
-        load.timeline.plot(png, title)
-        f["timeline"] = str(png)
-    return png
-
-
 @check("CONT-1")
 def cont_1(ctx: Context) -> Result:
     """Killing (SIGKILL) an instance of any NF kind under load MUST break no TCP connection;
@@ -488,7 +480,6 @@ def cont_1(ctx: Context) -> Result:
     For one pool of each NF kind: the instance that carried the most packets is killed mid-run;
     its pool fails over to the survivors. Outage per flow = lost / offered rate (RFC 6201).
     """
-    lab = ctx.lab
     per_kind: dict[str, dict[str, Any]] = {}
     problems, first_png = [], None
     for sc, pool in ctx.pools(one_per_kind=True):
@@ -548,7 +539,6 @@ def cont_3(ctx: Context) -> Result:
     the server must see every UDP flow from a single external address:port and no TCP
     connection may break.
     """
-    lab = ctx.lab
     found = _need(ctx, "nat")
     if not found:
         return Result(SKIP, details="the topology has no nat pool")
@@ -675,7 +665,6 @@ def cont_5(ctx: Context) -> Result:
     Echo-verified TCP connections to the virtual IP run; the busiest LB instance is killed;
     no connection may break and every connection must be seen by exactly one backend.
     """
-    lab = ctx.lab
     found = _need(ctx, "lb")
     if not found:
         return Result(SKIP, details="the topology has no lb pool")

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from statelab import spec as specmod
 from statelab.errors import LabError
-from statelab.record import RUN_ROOT, Record, alive, lab_records
+from statelab.record import Record, alive, lab_records
 
 
 def _progress() -> "callable":

@@ -32,7 +32,7 @@ from statelab import spec as specmod
 from statelab.errors import LabError, MissingDependency, ProcessFailed
 from statelab.fabric import (DIRECTIONS, HostPort, Member, PoolKey, ServicePath, SteeringPlan,
                              fabric_class, spi_of)
-from statelab.record import RUN_ROOT, Record, alive, proc_start_time
+from statelab.record import RUN_ROOT, Record, proc_start_time
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_NODE = "state-server"

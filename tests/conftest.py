@@ -50,7 +50,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         f"user tenant-{t} on >{pw[t]} resetkeys ~t:{t}:* resetchannels +@all -@admin -@dangerous -scan -randomkey"
         for t in TENANTS]
     conf = d / "redis.conf"
-    conf.write_text("\n".join([f"bind 127.0.0.1", f"port {port}", 'save ""', "appendonly no",
+    conf.write_text("\n".join(["bind 127.0.0.1", f"port {port}", 'save ""', "appendonly no",
                                f"dir {d}", "user default off", *users, ""]))
     log = open(d / "redis.log", "wb")
     proc = subprocess.Popen(["redis-server", str(conf)], stdout=log, stderr=subprocess.STDOUT)

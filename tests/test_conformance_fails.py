@@ -12,6 +12,7 @@ Two broken labs, both built from the reference topology:
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,8 @@ def port_of(lab: Any, host: str) -> int:
 
 @pytest.fixture(scope="module")
 def fabric_lab() -> Iterator[Any]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, veths, Open vSwitch): run with sudo")
     with Lab(variant("cf-fabric", {"red", "blue"})) as lab:
         yield lab
 
@@ -127,6 +130,8 @@ def test_iso_4_fails_when_a_tenant_user_may_read_every_key(fabric_lab) -> None:
 
 @pytest.fixture(scope="module")
 def local_lab() -> Iterator[Any]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, veths, Open vSwitch): run with sudo")
     with Lab(variant("cf-local", {"red", "green", "lbt"}, local_state=True)) as lab:
         yield lab
 

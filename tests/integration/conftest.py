@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Iterator
+
+import pytest
 
 from statelab.traffic import host_rx as host_rx  # noqa: F401  (re-exported for the tests)
 from statelab.traffic import quiet as _quiet
@@ -23,3 +26,14 @@ def delivered(result: dict[str, Any]) -> int:
 
 def sent(result: dict[str, Any]) -> int:
     return sum(result["sent"]["sent"].values())
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Any]:
+    """The default lab (forward NFs), whatever --topology the run was given."""
+    from statelab.lab import Lab
+    from statelab.spec import DEFAULT_TOPOLOGY, load
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, veths, Open vSwitch): run with sudo")
+    with Lab(load(DEFAULT_TOPOLOGY)) as running:
+        yield running
