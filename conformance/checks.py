@@ -127,6 +127,7 @@ class Load:
     timeline: Timeline
     event_at: float
     event_result: Any
+    nf_drops: dict[str, int]
 
     def figures(self) -> dict[str, Any]:
         f: dict[str, Any] = {}
@@ -144,6 +145,8 @@ class Load:
             errors = sorted({r["error"] for r in s["failed"] if r.get("error")})
             if errors:
                 f["tcp_errors"] = errors
+        if self.nf_drops:
+            f["nf_drops"] = self.nf_drops
         return f
 
 
@@ -161,6 +164,7 @@ def under_load(ctx: Context, sc: Scenario, event: Callable[[], Any], follow: lis
     """
     lab = ctx.lab
     port = next(_ports)
+    drops_before = _drops(lab)
     with Timeline(lab, follow) as tl:
         u = (UdpStream(lab, sc.client, sc.servers[0], sc.dst_ip, flows=UDP_FLOWS, rate=UDP_RATE,
                        duration=duration, port=port, first_sport=next(_sports))
@@ -174,7 +178,15 @@ def under_load(ctx: Context, sc: Scenario, event: Callable[[], Any], follow: lis
         event_result = event()
         udp_res = u.result() if u else None
         tcp_res = t.result() if t else None
-    return Load(udp_res, tcp_res, tl, event_at, event_result)
+    after = _drops(lab)
+    nf_drops = {k: n - drops_before.get(k, 0) for k, n in after.items() if n != drops_before.get(k, 0)}
+    return Load(udp_res, tcp_res, tl, event_at, event_result, nf_drops)
+
+
+def _drops(lab: Any) -> dict[str, int]:
+    """Every live instance's drop counters, as ``{"instance/reason": n}``."""
+    return {f"{iid}/{reason}": n for iid, c in lab.settled_counters().items()
+            for reason, n in c.get("drops", {}).items()}
 
 
 def busiest(lab: Any, tenant: str, pool: str) -> Any:
