@@ -93,7 +93,7 @@ def parse(frame: bytes) -> NshFrame:
     return NshFrame(frame[:ETH_HLEN], frame[ETH_HLEN:ETH_HLEN + length], spi, si, tenant, inner)
 
 
-def reply(received: NshFrame, inner: bytes) -> bytes:
+def reply(received: NshFrame, inner: bytes, spi: int | None = None, si: int | None = None) -> bytes:
     """Build the frame an NF sends back to the fabric after processing ``received``.
 
     The outer MAC addresses are swapped, the service index is decremented (RFC 8300 §2.3:
@@ -102,11 +102,15 @@ def reply(received: NshFrame, inner: bytes) -> bytes:
     Args:
         received: the frame the NF was given.
         inner: the (possibly rewritten) inner Ethernet frame to return.
+        spi, si: another service path and index to continue on (a reply the NF generated,
+            sent back along the reverse chain); default: the same path, index - 1.
 
     Returns:
         The frame to write to the data interface.
     """
     outer = received.outer[6:12] + received.outer[0:6] + received.outer[12:14]
     header = received.header
-    path = _PATH.pack((received.spi << 8) | (received.si - 1))
+    spi = received.spi if spi is None else spi
+    si = received.si - 1 if si is None else si
+    path = _PATH.pack((spi << 8) | si)
     return outer + header[:4] + path + header[8:] + inner

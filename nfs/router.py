@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from nfs import nsh
 from nfs.nsh import Malformed
 from nfs.packet import ETH_P_IP, PROTO_ICMP, Packet, build_icmp, build_ipv4, parse
-from nfs.runtime import Drop, NetworkFunction, Verdict, main
+from nfs.runtime import Drop, NetworkFunction, Reply, Verdict, main
 
 _IPV4 = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}"
 _MAC = r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}"
@@ -257,10 +257,11 @@ class Router(NetworkFunction):
             return True
         return _addr(pkt, 16) in self._directed_broadcasts
 
-    def _send_back(self, pkt: Packet, icmp: bytes) -> bytes:
-        """Wrap an ICMP message from the router to the sender of ``pkt``."""
+    def _send_back(self, pkt: Packet, icmp: bytes) -> Reply:
+        """Wrap an ICMP message from the router to the sender of ``pkt``; it goes back along
+        the reverse chain (so NATs and firewalls before the router see it as a reply)."""
         ip = build_ipv4(str(self.address), pkt.src, PROTO_ICMP, icmp, ttl=ICMP_TTL)
-        return pkt.eth_src + self.mac + struct.pack("!H", ETH_P_IP) + ip
+        return Reply(pkt.eth_src + self.mac + struct.pack("!H", ETH_P_IP) + ip)
 
 
 def _addr(pkt: Packet, offset: int) -> int:

@@ -48,7 +48,15 @@ class Drop:
     reason: str
 
 
-Verdict = Union[bytes, Drop]
+@dataclass(frozen=True)
+class Reply:
+    """Verdict: send ``frame`` (which the NF generated, e.g. an ICMP error) back toward the
+    packet's sender: onto the reverse chain, as if this NF had just processed it there."""
+
+    frame: bytes
+
+
+Verdict = Union[bytes, Drop, Reply]
 
 
 class NetworkFunction:
@@ -75,9 +83,19 @@ class NetworkFunction:
         self.tenant: str = str(lab.get("tenant", "default"))
         self.tenant_id: int = int(lab.get("tenant_id", 0))
         self.pool: str = str(lab.get("pool", self.kind))
+        self.chains: dict[str, list[str]] = {d: list(c) for d, c in (lab.get("chains") or {}).items()}
         self.state_url = state_url
         self.instance = instance
         self._state: Optional[StateClient] = None
+
+    def reverse_path(self, frame: nsh.NshFrame) -> Optional[tuple[int, int]]:
+        """(spi, si) that continue a reply to ``frame`` on the reverse chain after this NF's
+        hop there, or None if this NF's pool is not on the reverse chain."""
+        direction = frame.spi & 1
+        reverse = self.chains.get("inbound" if direction == 0 else "outbound", [])
+        if self.pool not in reverse:
+            return None
+        return (frame.spi & ~1) | (1 - direction), 255 - reverse.index(self.pool) - 1
 
     @property
     def state(self) -> StateClient:
@@ -220,8 +238,16 @@ class Runtime:
             if isinstance(verdict, Drop):
                 c.drop(verdict.reason)
                 continue
+            if isinstance(verdict, Reply):
+                path = self.nf.reverse_path(p)
+                if path is None:
+                    c.drop("no_reverse_path")
+                    continue
+                out = nsh.reply(p, verdict.frame, *path)
+            else:
+                out = nsh.reply(p, verdict)
             try:
-                self.sock.send(nsh.reply(p, verdict))
+                self.sock.send(out)
                 c.tx += 1
             except OSError as err:
                 c.drop("tx_error")

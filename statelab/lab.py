@@ -496,7 +496,8 @@ class Lab:
         config = self.run_dir / f"{iid}.config.yaml"
         config.write_text(yaml.safe_dump({
             **_plain(pool.config),
-            "statelab": {"tenant": tenant.name, "tenant_id": tenant.id, "pool": pool.name}}))
+            "statelab": {"tenant": tenant.name, "tenant_id": tenant.id, "pool": pool.name,
+                         "chains": {"outbound": list(tenant.outbound), "inbound": list(tenant.inbound)}}}))
         counters = self.run_dir / f"{iid}.counters.json"
         log = self.run_dir / f"{iid}.log"
         command = list(pool.command) if pool.command else [sys.executable, "-m", f"nfs.{pool.kind}"]

@@ -47,10 +47,12 @@ class NFProcess:
         state_url: the ``--state`` URL.
         tmp: a directory for config, counters and log.
         tenant: tenant name; tenant_id: its id; pool: pool name.
+        chains: the tenant's chains as the lab writes them (default: this pool alone, both ways).
     """
 
     def __init__(self, kind: str, config: dict[str, Any], state_url: Optional[str], tmp: Path,
-                 tenant: str = "red", tenant_id: int = 1, pool: Optional[str] = None) -> None:
+                 tenant: str = "red", tenant_id: int = 1, pool: Optional[str] = None,
+                 chains: Optional[dict[str, list[str]]] = None) -> None:
         n = next(_serial)
         tag = secrets.token_hex(3)
         self.name = f"{kind}-{tag}-{n}"
@@ -61,8 +63,10 @@ class NFProcess:
             subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1"], capture_output=True)
             subprocess.run(["ip", "link", "set", ifname, "mtu", "1600", "up"], check=True, capture_output=True)
         self.config_path = tmp / f"{self.name}.yaml"
+        pool = pool or kind
         self.config_path.write_text(yaml.safe_dump({**config, "statelab": {
-            "tenant": tenant, "tenant_id": tenant_id, "pool": pool or kind}}))
+            "tenant": tenant, "tenant_id": tenant_id, "pool": pool,
+            "chains": chains or {"outbound": [pool], "inbound": [pool]}}}))
         self.counters_path = tmp / f"{self.name}.counters.json"
         self.log_path = tmp / f"{self.name}.log"
         argv = [sys.executable, "-m", f"nfs.{kind}", "--iface", self.theirs, "--instance", self.name,

@@ -16,6 +16,7 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw, fuzz
 
 from nfs import nsh
+from nfs.runtime import Reply
 from nfs.router import CONFIG_SCHEMA, Route, Router, RouteTable
 from nfs.runtime import Drop
 from nfs.state import LocalState
@@ -44,8 +45,10 @@ def frame(dst: str, l4=None, ttl: int = 64, src: str = HOST_IP, eth_dst: str = R
 
 
 def route(nf: Router, pkt) -> object:
-    """One packet through the NF the way the runtime hands it over."""
-    return nf.process([nsh.parse(nsh_frame(raw(pkt)))])[0]
+    """One packet through the NF the way the runtime hands it over (a Reply unwrapped: what
+    the router itself sends back toward the sender)."""
+    verdict = nf.process([nsh.parse(nsh_frame(raw(pkt)))])[0]
+    return verdict.frame if isinstance(verdict, Reply) else verdict
 
 
 def forwarded(pkt, mac: str) -> bytes:
@@ -216,7 +219,7 @@ MIX = [frame("10.1.2.3", TCP(sport=40000, dport=80, flags="S")), frame("10.1.2.3
 def test_two_instances_route_every_packet_the_same() -> None:
     a, b = Router(CONFIG, None, "red-rt-1"), Router(CONFIG, None, "red-rt-2")
     frames = [nsh.parse(nsh_frame(raw(p))) for p in MIX]
-    assert a.process(frames) == b.process(frames) == [route(Router(CONFIG, None, "x"), p) for p in MIX]
+    assert a.process(frames) == b.process(frames) == Router(CONFIG, None, "x").process(frames)
 
 
 def test_keeps_no_state_so_a_state_outage_changes_nothing() -> None:
@@ -305,3 +308,15 @@ def test_process_survives_garbage_and_fuzz_and_still_routes(nf_process) -> None:
     assert "nf_error" not in c["drops"]
     for reason in BAD:
         assert c["drops"].get(reason, 0) >= 10, (reason, c["drops"])
+
+
+def test_icmp_the_router_generates_goes_back_along_the_reverse_chain() -> None:
+    """Time exceeded is a Reply: the runtime sends it on the reverse path after the router's
+    hop there, so NFs before the router (a NAT, a firewall) see it as coming back."""
+    nf = Router({**CONFIG, "statelab": {"pool": "rt", "chains": {"outbound": ["fw", "rt"], "inbound": ["rt", "fw"]}}},
+                None, "red-rt-1")
+    expiring = frame("10.1.2.3", ttl=1)
+    received = nsh.parse(nsh_frame(raw(expiring), spi=2, si=254))
+    verdict = nf.process([received])[0]
+    assert isinstance(verdict, Reply) and verdict.frame == route(Router(CONFIG, None, "x"), expiring)
+    assert nf.reverse_path(received) == (3, 254)  # inbound path of tenant 1, after hop 0 (rt)
