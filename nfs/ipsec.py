@@ -54,11 +54,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from nfs import nsh
 from nfs.nsh import ETH_HLEN, Malformed
-from nfs.packet import PROTO_ESP, Packet, checksum, ip_bytes, parse
+from nfs.packet import IPV4_PATTERN, PROTO_ESP, Packet, checksum, ip_bytes, parse
 from nfs.runtime import Drop, NetworkFunction, Verdict, main
 from nfs.state import Batch, Ref
 
-_IPV4 = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}"
 
 SEQ_MAX = 2**32 - 1        # no extended sequence numbers: the SA ends here (RFC 4303 §3.3.3)
 ESP_HLEN, IV_LEN, ICV_LEN, SALT_LEN = 8, 8, 16, 4
@@ -100,10 +99,10 @@ CONFIG_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
     "required": ["local", "remote", "sa_out", "sa_in"],
     "properties": {
-        "local": {"type": "string", "pattern": f"^{_IPV4}$",
+        "local": {"type": "string", "pattern": f"^{IPV4_PATTERN}$",
                   "description": "this gateway's tunnel address, source of the ESP packets it sends, "
                                  "e.g. 192.0.2.1"},
-        "remote": {"type": "string", "pattern": f"^{_IPV4}$",
+        "remote": {"type": "string", "pattern": f"^{IPV4_PATTERN}$",
                    "description": "the peer gateway's tunnel address, destination of the ESP packets, "
                                   "e.g. 192.0.2.2"},
         "encrypt": {"enum": ["outbound", "inbound"],

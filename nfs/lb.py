@@ -45,11 +45,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 from nfs import nsh
 from nfs.nsh import Malformed
-from nfs.packet import PROTO_TCP, PROTO_UDP, Packet, parse
+from nfs.packet import IPV4_PATTERN, PROTO_TCP, PROTO_UDP, Packet, parse
 from nfs.runtime import Drop, NetworkFunction, Verdict, main
 from nfs.state import Batch, Ref
 
-_IPV4 = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}"
 
 CONFIG_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -68,7 +67,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "additionalProperties": False,
                 "required": ["vip", "port", "backends"],
                 "properties": {
-                    "vip": {"type": "string", "pattern": f"^{_IPV4}$",
+                    "vip": {"type": "string", "pattern": f"^{IPV4_PATTERN}$",
                             "description": "the virtual IPv4 address clients connect to, e.g. 198.51.100.10"},
                     "port": {"type": "integer", "minimum": 1, "maximum": 65535,
                              "description": "the service's port on the VIP, e.g. 80"},
@@ -78,7 +77,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                         "type": "array", "minItems": 1, "uniqueItems": True,
                         "description": "the servers behind the VIP as \"ip:port\", "
                                        "e.g. [\"10.0.0.2:8080\", \"10.0.0.3:8080\"]",
-                        "items": {"type": "string", "pattern": f"^{_IPV4}:[0-9]{{1,5}}$",
+                        "items": {"type": "string", "pattern": f"^{IPV4_PATTERN}:[0-9]{{1,5}}$",
                                   "description": "one backend as \"ip:port\", e.g. \"10.0.0.2:8080\""},
                     },
                 },

@@ -51,7 +51,7 @@ import jsonschema
 
 from nfs import nsh
 from nfs.nsh import Malformed
-from nfs.packet import (PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, Packet,
+from nfs.packet import (IPV4_PATTERN, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_FIN, TCP_RST, TCP_SYN, Packet,
                         checksum, ip_bytes, parse)
 from nfs.runtime import Drop, NetworkFunction, Verdict, main
 from nfs.state import Batch, Ref
@@ -71,7 +71,6 @@ _TIMEOUTS = {  # name: (RFC minimum in seconds, what it is)
                             "RFC 5382 REQ-5: at least 240 s"),
     "icmp": (60, "ICMP echo mapping idle timeout; RFC 5508: at least 60 s"),
 }
-_IPV4 = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])$"
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 
 CONFIG_SCHEMA: dict[str, Any] = {
@@ -87,7 +86,7 @@ CONFIG_SCHEMA: dict[str, Any] = {
                            "the same one (paired pooling).",
             "type": "array", "minItems": 1, "uniqueItems": True,
             "items": {"description": "A public IPv4 address, e.g. 203.0.113.1.",
-                      "type": "string", "pattern": _IPV4},
+                      "type": "string", "pattern": f"^{IPV4_PATTERN}$"},
         },
         "ports": {
             "description": "Range of public ports (and ICMP echo identifiers) handed out: "

@@ -37,11 +37,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from nfs import nsh
 from nfs.nsh import Malformed
-from nfs.packet import ETH_P_IP, PROTO_ICMP, Packet, build_icmp, build_ipv4, parse
+from nfs.packet import (ETH_P_IP, IPV4_PATTERN, MAC_PATTERN, PROTO_ICMP, Packet, build_icmp, build_ipv4,
+                        parse)
 from nfs.runtime import Drop, NetworkFunction, Reply, Verdict, main
 
-_IPV4 = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}"
-_MAC = r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}"
 
 CONFIG_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -52,12 +51,12 @@ CONFIG_SCHEMA: dict[str, Any] = {
     "required": ["mac", "address", "routes"],
     "properties": {
         "mac": {
-            "type": "string", "pattern": f"^{_MAC}$",
+            "type": "string", "pattern": f"^{MAC_PATTERN}$",
             "description": "the router's MAC, source MAC of every packet it sends; quote it, "
                            "e.g. \"02:00:00:00:00:fe\" (YAML reads some unquoted MACs as numbers)",
         },
         "address": {
-            "type": "string", "pattern": f"^{_IPV4}$",
+            "type": "string", "pattern": f"^{IPV4_PATTERN}$",
             "description": "the router's IPv4 address, source of the ICMP messages it sends, "
                            "e.g. 10.0.0.254",
         },
@@ -71,16 +70,16 @@ CONFIG_SCHEMA: dict[str, Any] = {
                 "required": ["prefix", "mac"],
                 "properties": {
                     "prefix": {
-                        "type": "string", "pattern": f"^{_IPV4}/([0-9]|[12][0-9]|3[0-2])$",
+                        "type": "string", "pattern": f"^{IPV4_PATTERN}/([0-9]|[12][0-9]|3[0-2])$",
                         "description": "destination network with no host bits set, e.g. 10.1.0.0/16",
                     },
                     "via": {
-                        "type": "string", "pattern": f"^{_IPV4}$",
+                        "type": "string", "pattern": f"^{IPV4_PATTERN}$",
                         "description": "next-hop IPv4 address, e.g. 10.0.0.2; "
                                        "leave it out for a connected network",
                     },
                     "mac": {
-                        "type": "string", "pattern": f"^{_MAC}$",
+                        "type": "string", "pattern": f"^{MAC_PATTERN}$",
                         "description": "MAC the packets of this route are sent to (the next hop's, "
                                        "or the hosts' on a connected network), e.g. \"02:00:00:01:00:02\"",
                     },
@@ -105,7 +104,7 @@ def parse_mac(text: str) -> bytes:
     Raises:
         ValueError: not such a MAC address.
     """
-    if not isinstance(text, str) or not re.fullmatch(_MAC, text):
+    if not isinstance(text, str) or not re.fullmatch(MAC_PATTERN, text):
         raise ValueError(f"{text!r} is not a MAC address such as \"02:00:00:01:00:02\"")
     return bytes.fromhex(text.replace(":", ""))
 

@@ -11,6 +11,7 @@ Two broken labs, both built from the reference topology:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -55,6 +56,16 @@ def ofctl(lab: Any, *args: str) -> None:
     subprocess.run(["ovs-ofctl", "-O", "OpenFlow15", *args], check=True, capture_output=True)
 
 
+@contextlib.contextmanager
+def extra_flow(lab: Any, flow: str) -> Iterator[None]:
+    """A flow added behind the controller's back (cookie 0xbad), removed afterwards."""
+    ofctl(lab, "add-flow", lab.fabric.name, f"cookie=0xbad,{flow}")
+    try:
+        yield
+    finally:
+        ofctl(lab, "del-flows", lab.fabric.name, "cookie=0xbad/-1")
+
+
 def port_of(lab: Any, host: str) -> int:
     mac = lab.host(host).MAC()
     return next(hp.port for hp in lab.plan.host_ports if hp.mac == mac)
@@ -72,13 +83,9 @@ def fabric_lab() -> Iterator[Any]:
 
 def test_iso_1_fails_when_the_fabric_leaks_a_tenant(fabric_lab) -> None:
     lab = fabric_lab
-    br = lab.fabric.name
-    ofctl(lab, "add-flow", br, f"table=40,priority=200,cookie=0xbad,reg0=1,ip,nw_dst=10.0.0.2,"
-                               f"actions=output:{port_of(lab, 'r2')},output:{port_of(lab, 'b2')}")
-    try:
+    with extra_flow(lab, f"table=40,priority=200,reg0=1,ip,nw_dst=10.0.0.2,"
+                         f"actions=output:{port_of(lab, 'r2')},output:{port_of(lab, 'b2')}"):
         result = run(lab, "ISO-1")
-    finally:
-        ofctl(lab, "del-flows", br, "cookie=0xbad/-1")
     assert result.verdict == FAIL
     assert result.figures["leaked_packets"] > 0
     assert any(k.endswith("->b2") for k in result.figures["leaks"])
@@ -86,13 +93,9 @@ def test_iso_1_fails_when_the_fabric_leaks_a_tenant(fabric_lab) -> None:
 
 def test_iso_2_fails_when_the_fabric_trusts_a_vlan_tag(fabric_lab) -> None:
     lab = fabric_lab
-    br = lab.fabric.name
-    ofctl(lab, "add-flow", br, f"table=0,priority=200,cookie=0xbad,in_port={port_of(lab, 'r1')},dl_vlan=2,"
-                               f"actions=pop_vlan,set_field:2->reg0,set_field:4->reg1,goto_table:10")
-    try:
+    with extra_flow(lab, f"table=0,priority=200,in_port={port_of(lab, 'r1')},dl_vlan=2,"
+                         f"actions=pop_vlan,set_field:2->reg0,set_field:4->reg1,goto_table:10"):
         result = run(lab, "ISO-2")
-    finally:
-        ofctl(lab, "del-flows", br, "cookie=0xbad/-1")
     assert result.verdict == FAIL
     assert result.figures["delivered_to_hosts"] + result.figures["delivered_to_nfs"] > 0
 
