@@ -89,6 +89,14 @@ class NFProcess:
     def send(self, frame: bytes) -> None:
         self.sock.send(frame)
 
+    def send_bursts(self, frames: list[bytes], burst: int = 100, pause: float = 0.02) -> None:
+        """Send many frames in bursts of ``burst`` with a short pause between them: a test of
+        robustness, not of buffer sizes."""
+        for i, frame in enumerate(frames):
+            self.sock.send(frame)
+            if i % burst == burst - 1:
+                time.sleep(pause)
+
     def receive(self, timeout: float = 2.0) -> list[bytes]:
         """Every frame the NF sent back within ``timeout`` (stops 0.2 s after the last one)."""
         out: list[bytes] = []

@@ -390,10 +390,7 @@ def test_fuzz_is_dropped_and_counted_and_the_process_survives(nf_process, redis_
     inner += [tcp("S")[0][:n] for n in range(20, 54)] + [raw(ETH / IP(proto=6) / bytes(n)) for n in range(20)]
     frames = [nsh_frame(f[:1500], spi=2 | (i & 1)) for i, f in enumerate(inner)]
     nf.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: keep every reply
-    for i, f in enumerate(frames):
-        nf.send(f)
-        if i % 100 == 99:
-            time.sleep(0.02)  # bursts of 100: we test robustness, not buffer sizes
+    nf.send_bursts(frames)
     replies = [nsh.parse(r) for r in nf.receive(1.0)]
     assert nf.alive()
     assert _exchange(nf, tcp("S", sport=45000)) == tcp("S", sport=45000)[0]  # still works

@@ -563,10 +563,7 @@ def test_fuzz_is_dropped_and_counted_and_the_process_survives(nf_process, redis_
     frames += [raw(fuzz(ETH / IP(dst=PUB) / TCP())) for _ in range(100)]
     frames += [raw(fuzz(ETH / IP(dst=PUB) / ICMP(type=3) / IP(src=PUB) / UDP())) for _ in range(100)]
     frames += _mutants(1800, port) + list(BAD.values())
-    for i, f in enumerate(frames):
-        nf.send(nsh_frame(f[:1400], spi=OUT if i % 2 else IN))
-        if i % 100 == 99:
-            time.sleep(0.02)  # bursts of 100: we test robustness, not buffer sizes
+    nf.send_bursts([nsh_frame(f[:1400], spi=OUT if i % 2 else IN) for i, f in enumerate(frames)])
     nf.receive(1.0)
     assert nf.alive()
     reply = nf.exchange(raw(udp_out(IN2, 5000)), spi=OUT)
