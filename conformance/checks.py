@@ -72,7 +72,6 @@ class Scenario:
     """How to drive traffic through one tenant's chains: from an inside host to a server."""
 
     tenant: str
-    tenant_id: int
     client: str
     servers: tuple[str, ...]
     dst_ip: str
@@ -95,10 +94,10 @@ def scenarios(topo: Any) -> list[Scenario]:
             backend_ips = {b.rsplit(":", 1)[0] for b in svc["backends"]}
             servers = tuple(h.name for h in t.hosts if str(h.ip.ip) in backend_ips)
             port = int(svc["backends"][0].rsplit(":", 1)[1])
-            out.append(Scenario(t.name, t.id, inside[0].name, servers, svc["vip"], int(svc["port"]), port,
+            out.append(Scenario(t.name, inside[0].name, servers, svc["vip"], int(svc["port"]), port,
                                 False))
         else:
-            out.append(Scenario(t.name, t.id, inside[0].name, (outside[0].name,), str(outside[0].ip.ip),
+            out.append(Scenario(t.name, inside[0].name, (outside[0].name,), str(outside[0].ip.ip),
                                 None, None, True))
     return out
 
@@ -256,12 +255,12 @@ def iso_1(ctx: Context) -> Result:
     return verdict(not leaked, figures, f"frames crossed tenants: {leaked}")
 
 
-def _send_raw(lab: Any, host: str, frames_hex: list[str]) -> None:
-    """Send raw Ethernet frames from a host's data interface (scapy inside the host)."""
+def _send_raw(node: Any, frames: list[bytes]) -> None:
+    """Send raw Ethernet frames from a lab node's data interface (scapy inside the node)."""
     import sys
     script = ("import sys; from scapy.all import sendp; "
               "[sendp(bytes.fromhex(h), iface='eth0', verbose=False) for h in sys.argv[1:]]")
-    lab.host(host).cmd(f"{sys.executable} -c \"{script}\" {' '.join(frames_hex)}")
+    node.cmd(f"{sys.executable} -c \"{script}\" {' '.join(f.hex() for f in frames)}")
 
 
 @check("ISO-2")
@@ -295,17 +294,12 @@ def iso_2(ctx: Context) -> Result:
     before_hosts = {h: host_rx(lab, h) for h in b_hosts}
     before_nf = {i.id: i.counters().get("rx", 0) for i in lab.iter_instances() if i.tenant.name == b.name}
     dropped = lab.fabric.dropped()
-    sent = 0
-    _send_raw(lab, a.hosts[0].name, [f.hex() for f in tagged + forged_nsh])
-    sent += len(tagged) + len(forged_nsh)
+    _send_raw(lab.host(a.hosts[0].name), tagged + forged_nsh)
+    sent = len(tagged) + len(forged_nsh)
     a_nf = [i for i in lab.iter_instances() if i.tenant.name == a.name and i.alive()]
     if a_nf:
-        frames = [f.hex() for f in forged_nsh]
-        script = ("import sys; from scapy.all import sendp; "
-                  "[sendp(bytes.fromhex(h), iface='eth0', verbose=False) for h in sys.argv[1:]]")
-        import sys
-        a_nf[0].node.cmd(f"{sys.executable} -c \"{script}\" {' '.join(frames)}")
-        sent += len(frames)
+        _send_raw(a_nf[0].node, forged_nsh)
+        sent += len(forged_nsh)
     time.sleep(0.5)
     settled = lab.settled_counters()
     host_leak = {h: host_rx(lab, h) - before_hosts[h] for h in b_hosts if host_rx(lab, h) != before_hosts[h]}

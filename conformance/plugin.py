@@ -88,18 +88,25 @@ def target(pytestconfig: pytest.Config) -> str:
     return kind
 
 
-@pytest.fixture(scope="module")
-def lab(topology_path: Path, target: str) -> Iterator[Any]:
-    """A running lab of the run's topology on the run's target; always torn down."""
+def running_lab(topology: Any) -> Iterator[Any]:
+    """For fixtures: yield a running lab of ``topology`` (a path or a loaded spec), tear it
+    down afterwards; skip the tests that use it where not root."""
     from statelab.lab import Lab
     from statelab.spec import load
     if os.geteuid() != 0:
         pytest.skip("needs root (namespaces, veths, Open vSwitch): run with sudo")
+    with Lab(load(topology) if isinstance(topology, (str, Path)) else topology) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def lab(topology_path: Path, target: str) -> Iterator[Any]:
+    """A running lab of the run's topology on the run's target; always torn down."""
+    from statelab.spec import load
     topo = load(topology_path)
     if topo.fabric_kind != target:
         topo = dataclasses.replace(topo, fabric_kind=target)
-    with Lab(topo) as running:
-        yield running
+    yield from running_lab(topo)
 
 
 @pytest.fixture

@@ -440,12 +440,9 @@ class Lab:
     # -- processes ---------------------------------------------------------------------
 
     def _popen(self, node: Any, argv: list[str], log: Path, what: str) -> subprocess.Popen:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
         with open(log, "wb") as out:
             proc = node.popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env=env, cwd=str(self.run_dir))
+                              env=_process_env(), cwd=str(self.run_dir))
         self.record.add_process(proc.pid, f"{what} on {node.name}")
         return proc
 
@@ -460,11 +457,9 @@ class Lab:
             The process (``.stdout`` readable as text).
         """
         node = self.host(host)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with open(self.run_dir / f"{host}.log", "ab") as err:
             proc = node.popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                              env=env, cwd=str(self.run_dir), text=True)
+                              env=_process_env(), cwd=str(self.run_dir), text=True)
         self.record.add_process(proc.pid, f"{argv[0]} on {host}")
         return proc
 
@@ -577,6 +572,13 @@ class Lab:
 
     def iter_instances(self) -> Iterator[Instance]:
         return iter(list(self.instances.values()))
+
+
+def _process_env() -> dict[str, str]:
+    """Environment of the programs a lab starts: statelab importable, output unbuffered."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 def gateway_of(network: ipaddress.IPv4Network) -> ipaddress.IPv4Address:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 from conformance.checks import Context
 from conformance.core import CHECKS, FAIL, Result
-from statelab.lab import Lab
+from conformance.plugin import running_lab
 from statelab.spec import Topology, load
 
 pytestmark = pytest.mark.root
@@ -75,10 +74,7 @@ def port_of(lab: Any, host: str) -> int:
 
 @pytest.fixture(scope="module")
 def fabric_lab() -> Iterator[Any]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, veths, Open vSwitch): run with sudo")
-    with Lab(variant("cf-fabric", {"red", "blue"})) as lab:
-        yield lab
+    yield from running_lab(variant("cf-fabric", {"red", "blue"}))
 
 
 def test_iso_1_fails_when_the_fabric_leaks_a_tenant(fabric_lab) -> None:
@@ -133,26 +129,12 @@ def test_iso_4_fails_when_a_tenant_user_may_read_every_key(fabric_lab) -> None:
 
 @pytest.fixture(scope="module")
 def local_lab() -> Iterator[Any]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, veths, Open vSwitch): run with sudo")
-    with Lab(variant("cf-local", {"red", "green", "lbt"}, local_state=True)) as lab:
-        yield lab
+    yield from running_lab(variant("cf-local", {"red", "green", "lbt"}, local_state=True))
 
 
-def test_scale_1_fails_with_in_process_state(local_lab) -> None:
-    result = run(local_lab, "SCALE-1", {"red/fw"})
-    assert result.verdict == FAIL
-    assert result.figures["tcp_broken"] > 0
-
-
-def test_scale_2_fails_with_in_process_state(local_lab) -> None:
-    result = run(local_lab, "SCALE-2", {"red/fw"})
-    assert result.verdict == FAIL
-    assert result.figures["tcp_broken"] > 0
-
-
-def test_cont_1_fails_with_in_process_state(local_lab) -> None:
-    result = run(local_lab, "CONT-1", {"red/fw"})
+@pytest.mark.parametrize("check_id", ["SCALE-1", "SCALE-2", "CONT-1"])
+def test_fails_with_in_process_firewall_state(local_lab, check_id: str) -> None:
+    result = run(local_lab, check_id, {"red/fw"})
     assert result.verdict == FAIL
     assert result.figures["tcp_broken"] > 0
 

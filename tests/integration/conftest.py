@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator
 
 import pytest
 
-from statelab.traffic import host_rx as host_rx  # noqa: F401  (re-exported for the tests)
-from statelab.traffic import quiet as _quiet
-
-
-def quiet(lab: Any, *hosts: str) -> None:
-    _quiet(lab, hosts)
+from conformance.plugin import running_lab
 
 
 def nf_rx(lab: Any) -> dict[str, int]:
@@ -31,9 +25,5 @@ def sent(result: dict[str, Any]) -> int:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Any]:
     """The default lab (forward NFs), whatever --topology the run was given."""
-    from statelab.lab import Lab
-    from statelab.spec import DEFAULT_TOPOLOGY, load
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, veths, Open vSwitch): run with sudo")
-    with Lab(load(DEFAULT_TOPOLOGY)) as running:
-        yield running
+    from statelab.spec import DEFAULT_TOPOLOGY
+    yield from running_lab(DEFAULT_TOPOLOGY)

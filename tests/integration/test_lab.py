@@ -10,8 +10,8 @@ import time
 import pytest
 import redis
 
-from statelab.traffic import run_tcp, run_udp
-from tests.integration.conftest import delivered, host_rx, nf_rx, quiet, sent
+from statelab.traffic import host_rx, quiet, run_tcp, run_udp
+from tests.integration.conftest import delivered, nf_rx, sent
 
 pytestmark = pytest.mark.root
 
@@ -54,7 +54,7 @@ def test_tcp_streams_arrive_intact(lab) -> None:
 
 
 def test_nothing_crosses_between_tenants_with_identical_addresses(lab) -> None:
-    quiet(lab, "r1", "r2")
+    quiet(lab, ["r1", "r2"])
     red_before = {h: host_rx(lab, h) for h in ("r1", "r2")}
     blue_before = host_rx(lab, "b2")
     b1 = lab.host("b1")
@@ -150,7 +150,7 @@ def test_fabric_drops_forged_nsh_from_an_nf_port(lab, spi: int, si: int, c1: int
               f"context_header=({c1}).to_bytes(4, 'big')+bytes(12))/Ether(dst='02:00:00:02:00:02')/"
               "IP(src='10.0.0.1', dst='10.0.0.2')/UDP(dport=9), iface='eth0', count=5, verbose=False)")
     hosts = ("r1", "r2", "b1", "b2")
-    quiet(lab, *hosts)
+    quiet(lab, hosts)
     before = {h: host_rx(lab, h) for h in hosts}
     dropped = lab.fabric.dropped()
     inst.node.cmd(f'{sys.executable} -c "{script}"')

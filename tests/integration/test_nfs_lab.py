@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from conformance.plugin import running_lab
 from statelab.traffic import TcpStream, UdpStream
 
 pytestmark = pytest.mark.root
@@ -16,12 +16,7 @@ NFS = Path(__file__).resolve().parents[2] / "topologies" / "nfs.yaml"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Any]:
-    from statelab.lab import Lab
-    from statelab.spec import load
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, veths, Open vSwitch): run with sudo")
-    with Lab(load(NFS)) as running:
-        yield running
+    yield from running_lab(NFS)
 
 
 def test_tcp_through_firewall_nat_and_router_arrives_from_the_public_address(lab) -> None:
