@@ -8,6 +8,7 @@ pytest tests in ``conformance/test_*.py`` only run checks; the suite's own tests
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
 import subprocess
@@ -45,6 +46,14 @@ class Check:
 
 
 CHECKS: dict[str, Check] = {}
+FAMILIES = ("conformance.isolation", "conformance.scale", "conformance.continuity")
+
+
+def registry() -> dict[str, Check]:
+    """Every check of the three families, by ID (importing a family registers its checks)."""
+    for family in FAMILIES:
+        importlib.import_module(family)
+    return CHECKS
 
 
 def check(check_id: str) -> Callable[[Callable[..., Result]], Callable[..., Result]]:

@@ -113,13 +113,13 @@ def lab(topology_path: Path, target: str) -> Iterator[Any]:
 def conformance(lab: Any, request: pytest.FixtureRequest,
                 record_property: Callable[[str, Any], None]) -> Callable[[str], Any]:
     """Run a check by ID: record its figures and verdict; fail or skip the test accordingly."""
-    from conformance.checks import Context
-    from conformance.core import CHECKS, FAIL, SKIP
+    from conformance.load import Context
+    from conformance.core import FAIL, SKIP, registry
 
     report = request.config.stash[_REPORT]
 
     def run(check_id: str) -> Any:
-        c = CHECKS[check_id]
+        c = registry()[check_id]
         t0 = time.monotonic()
         result = c.func(Context(lab, report.directory))
         report.add(c, result, time.monotonic() - t0)

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from conformance.checks import Context
-from conformance.core import CHECKS, FAIL, Result
+from conformance.load import Context
+from conformance.core import FAIL, Result, registry
 from conformance.plugin import running_lab
 from statelab.spec import Topology, load
 
@@ -48,7 +48,7 @@ def variant(name: str, tenants: set[str], local_state: bool = False) -> Topology
 
 
 def run(lab: Any, check_id: str, only: set[str] | None = None) -> Result:
-    return CHECKS[check_id].func(Context(lab, None, frozenset(only) if only else None))
+    return registry()[check_id].func(Context(lab, None, frozenset(only) if only else None))
 
 
 def ofctl(lab: Any, *args: str) -> None:

@@ -1,4 +1,4 @@
-"""Zero-downtime scaling: SCALE-1, SCALE-2 (sentences in conformance/checks.py)."""
+"""Zero-downtime scaling: SCALE-1, SCALE-2 (sentences in the checks module beside this file)."""
 
 import pytest
 

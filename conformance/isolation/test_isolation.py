@@ -1,4 +1,4 @@
-"""Tenant isolation: ISO-1 .. ISO-4 (sentences in conformance/checks.py)."""
+"""Tenant isolation: ISO-1 .. ISO-4 (sentences in the checks module beside this file)."""
 
 import pytest
 

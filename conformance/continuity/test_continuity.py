@@ -1,4 +1,4 @@
-"""State continuity across instance crashes: CONT-1 .. CONT-5 (sentences in conformance/checks.py)."""
+"""State continuity across instance crashes: CONT-1 .. CONT-5 (sentences in the checks module beside this file)."""
 
 import pytest
 

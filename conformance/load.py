@@ -1,0 +1,231 @@
+"""The shared load harness of the conformance checks: scenarios derived from the topology,
+traffic under load with an event in the middle, and the figures every family records.
+
+Definitions: RFC 2544 (trial, loss), RFC 4737 (reordering), RFC 6201/6412 (outage = lost /
+offered rate), RFC 9411 (a connection ended by RST is a failure).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+from statelab.timeline import Timeline
+from statelab.traffic import TcpStream, UdpStream
+
+LOAD_SECONDS = 5.0
+EVENT_AT = 1.5
+UDP_FLOWS = 64
+UDP_RATE = 400.0
+TCP_CONNECTIONS = 12
+_ports = itertools.count(6000, 2)
+_sports = itertools.count(20000, 100)
+
+
+@dataclass
+class Context:
+    """What a check gets: the lab, where its pictures go, and optionally which pools to use.
+
+    Attributes:
+        lab: the running lab.
+        out: directory for PNG timelines (None: no pictures).
+        only: ``"tenant/pool"`` names to limit per-pool checks to (None: every pool).
+    """
+
+    lab: Any
+    out: Optional[Path]
+    only: Optional[frozenset[str]] = None
+
+    def png(self, name: str) -> Optional[Path]:
+        return self.out / f"{name}.png" if self.out else None
+
+    def pools(self, kind: Optional[str] = None, one_per_kind: bool = False) -> list[tuple["Scenario", Any]]:
+        """(scenario, pool) pairs to exercise: every pool in use, or one per NF kind."""
+        pairs = [(sc, p) for sc, p in pools_in_use(self.lab.topo)
+                 if (self.only is None or f"{sc.tenant}/{p.name}" in self.only)
+                 and (kind is None or p.kind == kind)]
+        if not one_per_kind:
+            return pairs
+        out, kinds = [], set()
+        for sc, p in pairs:
+            if p.kind not in kinds:
+                kinds.add(p.kind)
+                out.append((sc, p))
+        return out
+
+
+# -- traffic scenarios derived from the topology --------------------------------------------
+
+@dataclass(frozen=True)
+class Scenario:
+    """How to drive traffic through one tenant's chains: from an inside host to a server."""
+
+    tenant: str
+    client: str
+    servers: tuple[str, ...]
+    dst_ip: str
+    tcp_port: Optional[int]      # the port the client connects to (None: next free)
+    server_port: Optional[int]   # the port the servers listen on (LB backends)
+    udp: bool                    # whether UDP reaches a server
+
+
+def scenarios(topo: Any) -> list[Scenario]:
+    """One scenario per tenant that has an inside and an outside host."""
+    out = []
+    for t in topo.tenants:
+        inside = [h for h in t.hosts if h.zone == "inside"]
+        outside = [h for h in t.hosts if h.zone == "outside"]
+        if not inside or not outside:
+            continue
+        lbs = [p for p in t.chain("outbound") if p.kind == "lb" and p.config.get("services")]
+        if lbs:
+            svc = lbs[0].config["services"][0]
+            backend_ips = {b.rsplit(":", 1)[0] for b in svc["backends"]}
+            servers = tuple(h.name for h in t.hosts if str(h.ip.ip) in backend_ips)
+            port = int(svc["backends"][0].rsplit(":", 1)[1])
+            out.append(Scenario(t.name, inside[0].name, servers, svc["vip"], int(svc["port"]), port,
+                                False))
+        else:
+            out.append(Scenario(t.name, inside[0].name, (outside[0].name,), str(outside[0].ip.ip),
+                                None, None, True))
+    return out
+
+
+def pools_in_use(topo: Any) -> list[tuple[Scenario, Any]]:
+    """Every (scenario, pool) pair: each pool of each tenant's chains, once."""
+    out = []
+    for sc in scenarios(topo):
+        t = topo.tenant(sc.tenant)
+        seen = set()
+        for pool in t.chain("outbound") + t.chain("inbound"):
+            if pool.name not in seen:
+                seen.add(pool.name)
+                out.append((sc, pool))
+    return out
+
+
+# -- load with an event in the middle --------------------------------------------------------
+
+@dataclass
+class Load:
+    """The outcome of a load run: per-flow UDP figures, TCP results, timeline, event time."""
+
+    udp: Optional[dict[str, Any]]
+    tcp: Optional[dict[str, Any]]
+    timeline: Timeline
+    event_at: float
+    event_result: Any
+    nf_drops: dict[str, int]
+
+    def figures(self) -> dict[str, Any]:
+        f: dict[str, Any] = {}
+        if self.udp is not None:
+            flows = self.udp["flows"].values()
+            f.update(udp_flows=len(flows), udp_sent=sum(x["sent"] for x in flows),
+                     udp_lost=sum(x["lost"] for x in flows), udp_duplicates=sum(x["duplicates"] for x in flows),
+                     udp_reordered=sum(x["reordered"] for x in flows),
+                     max_outage_ms=max((x["outage_ms"] for x in flows), default=0.0),
+                     flows_with_loss=sum(1 for x in flows if x["lost"] > 0))
+        if self.tcp is not None:
+            s = self.tcp["sender"]
+            f.update(tcp_connections=s["connections"], tcp_broken=s["connections"] - s["ok"],
+                     tcp_max_wait_ms=max((r.get("max_wait_ms", 0.0) for r in s["results"]), default=0.0))
+            errors = sorted({r["error"] for r in s["failed"] if r.get("error")})
+            if errors:
+                f["tcp_errors"] = errors
+        if self.nf_drops:
+            f["nf_drops"] = self.nf_drops
+        return f
+
+
+def under_load(ctx: Context, sc: Scenario, event: Callable[[], Any], follow: list[str],
+               udp: bool = True, tcp: bool = True, duration: float = LOAD_SECONDS,
+               at: float = EVENT_AT) -> Load:
+    """Run UDP flows and TCP connections through ``sc`` for ``duration`` s; call ``event`` at ``at`` s.
+
+    Args:
+        ctx: the check's context.
+        sc: the tenant scenario.
+        event: what happens under load (scale out, kill, ...); its return value is kept.
+        follow: instance id prefixes the timeline follows.
+        udp, tcp: which traffic to run.
+    """
+    lab = ctx.lab
+    port = next(_ports)
+    drops_before = drop_counters(lab)
+    with Timeline(lab, follow) as tl:
+        u = (UdpStream(lab, sc.client, sc.servers[0], sc.dst_ip, flows=UDP_FLOWS, rate=UDP_RATE,
+                       duration=duration, port=port, first_sport=next(_sports))
+             if udp and sc.udp else None)
+        t = (TcpStream(lab, sc.client, sc.servers[0], sc.dst_ip, connections=TCP_CONNECTIONS,
+                       duration=duration, port=sc.tcp_port or port + 1, sinks=sc.servers,
+                       sink_port=sc.server_port)
+             if tcp else None)
+        time.sleep(at)
+        event_at = time.time()
+        event_result = event()
+        udp_res = u.result() if u else None
+        tcp_res = t.result() if t else None
+    after = drop_counters(lab)
+    nf_drops = {k: n - drops_before.get(k, 0) for k, n in after.items() if n != drops_before.get(k, 0)}
+    return Load(udp_res, tcp_res, tl, event_at, event_result, nf_drops)
+
+
+def drop_counters(lab: Any) -> dict[str, int]:
+    """Every live instance's drop counters, as ``{"instance/reason": n}``."""
+    return {f"{iid}/{reason}": n for iid, c in lab.settled_counters().items()
+            for reason, n in c.get("drops", {}).items()}
+
+
+def busiest(lab: Any, tenant: str, pool: str) -> Any:
+    """The in-pool instance of a pool that has received the most packets."""
+    counters = lab.settled_counters()
+    live = [i for i in lab.pool_instances(tenant, pool) if i.in_pool and i.alive()]
+    return max(live, key=lambda i: counters.get(i.id, {}).get("rx", 0))
+
+
+def first_packet_ms(tl: Timeline, iid: str, since: float) -> Optional[float]:
+    """Milliseconds from ``since`` until instance ``iid`` was first seen receiving."""
+    for t, rx in tl.samples.get(iid, []):
+        if t >= since and rx > 0:
+            return round((t - since) * 1000, 1)
+    return None
+
+
+def pool_label(sc: Scenario, pool: Any) -> str:
+    return f"{sc.tenant}/{pool.name} ({pool.kind})"
+
+
+def collect(per_pool: dict[str, dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Totals over pools of the given figures, plus the per-pool figures."""
+    total = {k: sum(p.get(k, 0) for p in per_pool.values()) for k in keys}
+    total["pools"] = per_pool
+    return total
+
+
+def no_disruption(f: dict[str, Any]) -> bool:
+    return (f.get("udp_lost", 0) == 0 and f.get("udp_duplicates", 0) == 0 and f.get("tcp_broken", 0) == 0)
+
+
+def plot(ctx: Context, load: Load, name: str, title: str, f: dict[str, Any]) -> Optional[Path]:
+    png = ctx.png(name)
+    if png:
+        load.timeline.plot(png, title)
+        f["timeline"] = str(png)
+    return png
+
+
+def pool_outcome(ctx: Context, check_id: str, what: str, sc: Scenario, pool: Any, load: Load,
+                  f: dict[str, Any], per_pool: dict[str, dict[str, Any]], problems: list[str]) -> Optional[Path]:
+    """Plot a pool's timeline, file its figures, note any disruption; return the PNG."""
+    label = pool_label(sc, pool)
+    png = plot(ctx, load, f"{check_id}-{sc.tenant}-{pool.name}", f"{check_id} {what} of {label} under load", f)
+    per_pool[label] = f
+    if not no_disruption(f):
+        problems.append(f"{label}: lost {f.get('udp_lost')}, duplicated {f.get('udp_duplicates')}, "
+                        f"TCP broken {f.get('tcp_broken')} {f.get('tcp_errors', '')}")
+    return png

@@ -1,0 +1,69 @@
+"""Zero-downtime scaling: SCALE-1, SCALE-2."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from conformance.core import Result, check, verdict
+from conformance.load import Context, collect, first_packet_ms, pool_label, pool_outcome, under_load
+
+@check("SCALE-1")
+def scale_1(ctx: Context) -> Result:
+    """Scaling out any NF pool under load MUST lose, duplicate or break nothing, and the new
+    instance MUST carry flows afterwards.
+
+    For each pool of each tenant's chains: UDP flows and echo-verified TCP connections run
+    through the chain; an instance is added mid-run. Per flow 0 lost and 0 duplicated, no TCP
+    connection reset or stalled, the new instance received packets; reaction time (from the
+    scale-out call until the new instance's first packet) recorded.
+    """
+    lab = ctx.lab
+    per_pool: dict[str, dict[str, Any]] = {}
+    problems = []
+    first_png = None
+    for sc, pool in ctx.pools():
+        t0 = time.time()
+        load = under_load(ctx, sc, lambda: lab.control.scale_out(sc.tenant, pool.name)[0],
+                          [f"{sc.tenant}-{pool.name}-"])
+        new = load.event_result
+        f = load.figures()
+        f["scale_out_ms"] = round((lab.control.events[-1][0] - load.event_at) * 1000, 1) if lab.control.events else None
+        f["new_instance"] = new.id
+        f["new_instance_packets"] = load.timeline.carried(new.id, load.event_at)
+        f["reaction_ms"] = first_packet_ms(load.timeline, new.id, load.event_at)
+        png = pool_outcome(ctx, "SCALE-1", "scale-out", sc, pool, load, f, per_pool, problems)
+        first_png = first_png or png
+        if not f["new_instance_packets"]:
+            problems.append(f"{pool_label(sc, pool)}: the new instance {new.id} carried no packet")
+        lab.control.scale_in(sc.tenant, pool.name)  # back to the topology's size
+        f["seconds"] = round(time.time() - t0, 1)
+    figures = collect(per_pool, ("udp_lost", "udp_duplicates", "tcp_broken"))
+    return verdict(not problems, figures, "; ".join(problems), first_png)
+
+
+@check("SCALE-2")
+def scale_2(ctx: Context) -> Result:
+    """Scaling in (draining) any NF pool under load MUST lose, duplicate or break nothing.
+
+    For each pool: an instance is added first; then, under load, it is taken out of the pool,
+    drained and stopped (SIGTERM, exit 0). Per flow 0 lost and 0 duplicated, no TCP connection
+    reset or stalled.
+    """
+    lab = ctx.lab
+    per_pool: dict[str, dict[str, Any]] = {}
+    problems = []
+    first_png = None
+    for sc, pool in ctx.pools():
+        lab.control.scale_out(sc.tenant, pool.name)
+        load = under_load(ctx, sc, lambda: lab.control.scale_in(sc.tenant, pool.name)[0],
+                          [f"{sc.tenant}-{pool.name}-"])
+        f = load.figures()
+        f["removed_instance"] = load.event_result
+        f["drain_ms"] = round((time.time() - load.event_at) * 1000, 1)
+        png = pool_outcome(ctx, "SCALE-2", "scale-in (drain)", sc, pool, load, f, per_pool, problems)
+        first_png = first_png or png
+    figures = collect(per_pool, ("udp_lost", "udp_duplicates", "tcp_broken"))
+    return verdict(not problems, figures, "; ".join(problems), first_png)
+
+
