@@ -3,7 +3,15 @@
 For the tests of issue "shared state / crash safety / bad input": each :class:`NFProcess` is a
 real ``python -m nfs.<kind>`` process on one end of a veth pair; the test holds the other end
 with an AF_PACKET socket. Both ends stay in the root namespace so the NF reaches the test
-Redis on 127.0.0.1. Needs root. Every interface and process is ended by name/PID in close().
+Redis on 127.0.0.1. Needs root (tests that use it are marked ``root``). Every interface and
+process is ended by name/PID in close().
+
+Nothing here waits for quiet: the NF's runtime counts every frame it receives (``rx``) and
+sends (``tx``) and rewrites its counters file several times a second with the time
+(``updated``). :meth:`NFProcess.counters` waits, up to a deadline, for a file written after the
+last frame was sent that counts all frames sent; :meth:`NFProcess.receive` then reads exactly
+the ``tx`` frames the NF sent back. A slow machine makes a test slower, not wrong; past the
+deadline the test fails naming the NF and showing the tail of its log.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from nfs import nsh
 
 REPO = Path(__file__).resolve().parents[1]
 FABRIC_MAC = bytes.fromhex("025e00000001")
+DEADLINE = 20.0  # seconds an NF may take to show it processed what it was sent
 _serial = itertools.count(1)
 
 
@@ -79,6 +88,9 @@ class NFProcess:
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
         self.sock.bind((self.ours, 0))
         self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: keep every reply
+        self.sent = 0          # frames sent to the NF
+        self.sent_at = 0.0     # wall-clock time of the last one (the counters' "updated" clock)
+        self.received = 0      # NSH frames read back from the NF
         deadline = time.monotonic() + 15
         while not self.counters_path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -88,42 +100,68 @@ class NFProcess:
 
     def send(self, frame: bytes) -> None:
         self.sock.send(frame)
+        self.sent += 1
+        self.sent_at = time.time()
 
     def send_bursts(self, frames: list[bytes], burst: int = 100, pause: float = 0.02) -> None:
         """Send many frames in bursts of ``burst`` with a short pause between them: a test of
         robustness, not of buffer sizes."""
         for i, frame in enumerate(frames):
-            self.sock.send(frame)
+            self.send(frame)
             if i % burst == burst - 1:
                 time.sleep(pause)
 
-    def receive(self, timeout: float = 2.0) -> list[bytes]:
-        """Every frame the NF sent back within ``timeout`` (stops 0.2 s after the last one)."""
+    def _fail(self, what: str) -> AssertionError:
+        return AssertionError(f"NF {self.name} (pid {self.proc.pid}, exit {self.proc.poll()}): {what}\n"
+                              + self.log_path.read_text()[-2000:])
+
+    def counters(self, deadline: float = DEADLINE) -> dict[str, Any]:
+        """The NF's counters once it has processed every frame sent to it.
+
+        Waits for a counters file written after the last send whose ``rx`` counts all frames
+        sent (``rx`` may count more: a veth's own first frames). A process that has exited
+        writes no more: its last file is returned.
+
+        Args:
+            deadline: seconds to wait at most; then AssertionError with the NF's log tail.
+        """
+        end = time.monotonic() + deadline
+        while True:
+            c = json.loads(self.counters_path.read_text())  # replaced atomically by the NF
+            if c["updated"] > self.sent_at and c["rx"] >= self.sent:
+                return c
+            if self.proc.poll() is not None:
+                return c
+            if time.monotonic() > end:
+                raise self._fail(f"counted rx={c['rx']} of the {self.sent} frames sent, {deadline:g} s after")
+            time.sleep(0.02)
+
+    def receive(self, deadline: float = DEADLINE) -> list[bytes]:
+        """Every NSH frame the NF has sent back for the frames sent so far (and not read yet):
+        as many as its ``tx`` counter says, waiting for them up to ``deadline`` seconds."""
+        want = self.counters(deadline)["tx"] - self.received
         out: list[bytes] = []
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            wait = min(end - time.monotonic(), 0.2) if out else end - time.monotonic()
-            r, _, _ = select.select([self.sock], [], [], max(wait, 0))
+        end = time.monotonic() + deadline
+        while len(out) < want:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise self._fail(f"sent back {want} frames (its tx counter), {len(out)} arrived")
+            r, _, _ = select.select([self.sock], [], [], left)
             if not r:
-                if out:
-                    break
                 continue
             data, addr = self.sock.recvfrom(65535)
             if addr[2] != socket.PACKET_OUTGOING and data[12:14] == b"\x89\x4f":
                 out.append(data)  # only NSH: what an NF sends back
+        self.received += len(out)
         return out
 
-    def exchange(self, inner: bytes, timeout: float = 2.0, **nsh_fields: Any) -> Optional[nsh.NshFrame]:
-        """Send one inner frame wrapped in NSH; return the NF's reply (parsed) or None if dropped."""
+    def exchange(self, inner: bytes, deadline: float = DEADLINE, **nsh_fields: Any) -> Optional[nsh.NshFrame]:
+        """Send one inner frame wrapped in NSH; return the NF's reply (parsed) or None if it
+        dropped the frame (its counters show it processed the frame and sent nothing)."""
         self.send(nsh_frame(inner, **nsh_fields))
-        replies = self.receive(timeout)
+        replies = self.receive(deadline)
         assert len(replies) <= 1, f"{len(replies)} replies to one packet"
         return nsh.parse(replies[0]) if replies else None
-
-    def counters(self, settle: float = 0.5) -> dict[str, Any]:
-        """The NF's counters, read after they were rewritten at least once (``settle`` s)."""
-        time.sleep(settle)
-        return json.loads(self.counters_path.read_text())
 
     def alive(self) -> bool:
         return self.proc.poll() is None
