@@ -1,6 +1,7 @@
 """The packet loop every statelab NF runs (the NF process contract of docs/architecture.md).
 
-``python -m nfs.<kind> --iface IF --state URL --instance ID --config FILE [--counters FILE]``
+``python -m nfs.<kind> --iface IF --state URL [--state-password-file FILE] --instance ID
+--config FILE [--counters FILE]``
 
 The loop reads frames from the NF's one-arm data interface with an AF_PACKET socket, drops and
 counts anything that is not a well-formed NSH frame, hands the rest to the NF in batches (so an
@@ -25,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 
@@ -37,6 +39,7 @@ RCVBUF = 8 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux value; Python lacks the name
 COUNTER_INTERVAL = 0.2
 DRAIN_QUIET = 0.05
+PASSWORD_ENV = "STATELAB_STATE_PASSWORD"
 
 log = logging.getLogger("nfs")
 
@@ -279,6 +282,36 @@ class Runtime:
         return 0
 
 
+def state_url_with_password(url: Optional[str], password_file: Optional[Path]) -> Optional[str]:
+    """The ``--state`` URL with the password put in (in this process's memory only).
+
+    The password comes from ``password_file`` (which must not be readable by group or others),
+    else from ``$STATELAB_STATE_PASSWORD``, else it is the URL's own (the old form, still
+    accepted: vendor NFs and tests pass ``redis://user:password@host:port/db``).
+
+    Raises:
+        ValueError: the file cannot be read or is open to other users.
+    """
+    password = None
+    if password_file is not None:
+        try:
+            st = password_file.stat()
+            password = password_file.read_text().strip()
+        except OSError as err:
+            raise ValueError(f"cannot read --state-password-file {password_file}: {err.strerror}") from None
+        if st.st_mode & 0o077:
+            raise ValueError(f"--state-password-file {password_file} has mode {st.st_mode & 0o777:o}: "
+                             f"other users may read it; chmod 600 {password_file}")
+    elif os.environ.get(PASSWORD_ENV):
+        password = os.environ[PASSWORD_ENV]
+    if url is None or password is None or url.startswith("local:"):
+        return url
+    parts = urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{hostport}"))
+
+
 def main(nf_class: type[NetworkFunction], argv: Optional[Sequence[str]] = None) -> int:
     """Entry point shared by every ``python -m nfs.<kind>``.
 
@@ -292,7 +325,12 @@ def main(nf_class: type[NetworkFunction], argv: Optional[Sequence[str]] = None) 
     ap = argparse.ArgumentParser(prog=f"python -m nfs.{nf_class.kind}",
                                  description=f"statelab {nf_class.kind} network function")
     ap.add_argument("--iface", required=True, help="data interface (one-arm link to the fabric)")
-    ap.add_argument("--state", default=None, help="state server URL, redis://user:pass@host:port")
+    ap.add_argument("--state", default=None,
+                    help="state server URL, redis://user@host:port/db (or local:); a password in the "
+                         "URL works too, but every local user can read a command line")
+    ap.add_argument("--state-password-file", type=Path, default=None,
+                    help=f"file (mode 0600) holding the state server password; without it "
+                         f"${PASSWORD_ENV}, else the URL's")
     ap.add_argument("--instance", required=True, help="instance id, e.g. red-fw-1")
     ap.add_argument("--config", type=Path, default=None, help="YAML/JSON file with the pool's config")
     ap.add_argument("--counters", type=Path, default=None, help="JSON file the counters are written to")
@@ -300,11 +338,16 @@ def main(nf_class: type[NetworkFunction], argv: Optional[Sequence[str]] = None) 
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        state_url = state_url_with_password(args.state, args.state_password_file)
+    except ValueError as err:
+        print(f"{args.instance}: {err}", file=sys.stderr)
+        return 2
     config: Mapping[str, Any] = {}
     if args.config is not None:
         config = yaml.safe_load(args.config.read_text()) or {}
     try:
-        nf = nf_class(config, args.state, args.instance)
+        nf = nf_class(config, state_url, args.instance)
     except ValueError as err:
         print(f"{args.instance}: bad config {args.config}: {err}", file=sys.stderr)
         return 2

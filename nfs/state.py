@@ -251,19 +251,22 @@ class RedisState(StateClient):
     """State in Redis (or any server speaking its protocol), over the tenant's ACL user.
 
     Args:
-        url: ``redis://user:password@host:port/db``.
+        url: ``redis://user@host:port/db`` (or ``redis://user:password@...``).
         tenant: tenant name.
         nf: NF name within the tenant.
         timeout: socket timeout in seconds; past it the batch fails closed.
+        password: the user's password, when the URL has none.
     """
 
-    def __init__(self, url: str, tenant: str, nf: str, timeout: float = 1.0) -> None:
+    def __init__(self, url: str, tenant: str, nf: str, timeout: float = 1.0,
+                 password: Optional[str] = None) -> None:
         import redis
 
         super().__init__(tenant, nf)
         self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         self.url = url
-        self.r = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        extra = {} if password is None or urlparse(url).password else {"password": password}
+        self.r = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **extra)
         self._scripts = {name: self.r.register_script(s.lua) for name, s in SCRIPTS.items()}
 
     def __repr__(self) -> str:
@@ -368,7 +371,7 @@ class LocalState(StateClient):
             return [self._one(op, args) for op, args, _ in ops]
 
 
-def open_state(url: Optional[str], tenant: str, nf: str) -> StateClient:
+def open_state(url: Optional[str], tenant: str, nf: str, password: Optional[str] = None) -> StateClient:
     """The state client an NF process uses: Redis for ``redis://`` URLs, LocalState for ``local:``.
 
     Args:
@@ -376,7 +379,9 @@ def open_state(url: Optional[str], tenant: str, nf: str) -> StateClient:
             the baseline of the benchmarks, and what a broken stateful NF looks like).
         tenant: tenant name.
         nf: NF name within the tenant.
+        password: the state server password, when the URL has none (``nfs.runtime`` reads it
+            from ``--state-password-file`` or ``$STATELAB_STATE_PASSWORD``).
     """
     if url is None or url.startswith("local:"):
         return LocalState(tenant, nf)
-    return RedisState(url, tenant, nf)
+    return RedisState(url, tenant, nf, password=password)

@@ -16,6 +16,7 @@ import importlib.util
 import ipaddress
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -42,9 +43,25 @@ NF_PORT_BASE = 100
 NF_MTU = 1600  # 1500-byte inner packets + inner Ethernet (14) + NSH MD type 1 (24) + outer Ethernet
 READY_TIMEOUT = 15.0
 
+# The state servers: one redis-server per tenant (docs/contracts.md, "State"). A tenant's user
+# may run exactly what the state client of nfs/state.py sends (GET, PTTL, SET [PX] [NX], INCRBY,
+# PEXPIRE, DEL; EVALSHA of the scripts the lab loads, after SCRIPT EXISTS), EXPIRE and EXISTS for
+# vendor NFs, and the connection commands of a client that caches (HELLO 3, CLIENT TRACKING and
+# CACHING): no EVAL, no SCRIPT LOAD, no channels.
+TENANT_COMMANDS = ("get", "set", "pttl", "incrby", "pexpire", "expire", "del", "exists",
+                   "evalsha", "script|exists", "ping", "hello", "client|tracking", "client|caching")
+STATE_MAXMEMORY = 64 << 20        # bytes of data per tenant; full: writes fail (noeviction)
+STATE_DATA_LIMIT = 256 << 20      # RLIMIT_DATA of each redis-server: bounds script memory too
+# NF processes run as one unprivileged uid per tenant (no passwd entry needed, like systemd's
+# DynamicUser), above systemd's container range and below 2^31: base + lab tag << 8 + index.
+NF_UID_BASE = 0x70000000
+NF_CAPS = "net_raw"               # an AF_PACKET socket; nothing else
+NF_ROOT_ENV = "STATELAB_NF_ROOT"  # =1: run NFs as root, as before (for a vendor NF that needs it)
+
 # binary -> Debian/Ubuntu package that provides it
-REQUIRED = {"mnexec": "mininet", "ip": "iproute2", "ethtool": "ethtool", "ifconfig": "net-tools",
-            "redis-server": "redis-server"}
+REQUIRED = {"mnexec": "mininet", "ip": "iproute2", "bridge": "iproute2", "ethtool": "ethtool",
+            "ifconfig": "net-tools", "redis-server": "redis-server", "setpriv": "util-linux",
+            "prlimit": "util-linux"}
 
 Progress = Callable[[str], None]
 
@@ -130,8 +147,10 @@ class Lab:
         self.plan: Optional[SteeringPlan] = None
         self.state_node: Any = None
         self.state_ip = ""
+        self.state_ports: dict[str, int] = {}
         self.mgmt = topology.management
         self.passwords: dict[str, str] = {}
+        self.nf_uids: dict[str, int] = {}
         self._next_port = NF_PORT_BASE
         self._next_mgmt = 10
         self._next_index: dict[PoolKey, int] = {}
@@ -366,83 +385,225 @@ class Lab:
     def _mgmt_ip(self, index: int) -> str:
         return str(self.mgmt.network_address + index)
 
+    def _mgmt_mac(self, ip: str) -> str:
+        """The fixed MAC address of a management address: 02:4d, the lab tag, the host index."""
+        index = int(ipaddress.IPv4Address(ip)) - int(self.mgmt.network_address)
+        return f"02:4d:{self.tag[:2]}:{self.tag[2:]}:{index >> 8 & 0xff:02x}:{index & 0xff:02x}"
+
+    @property
+    def mgmt_bridge(self) -> str:
+        """The management bridge's name (in the root namespace, address .1)."""
+        return f"m{self.tag}"
+
     def _add_management_bridge(self) -> None:
-        br = f"m{self.tag}"
+        """The management bridge, its address .1 with a fixed MAC (a bridge otherwise takes the
+        lowest MAC of its ports, which changes as NFs come and go)."""
+        br = self.mgmt_bridge
         self.record.linux_bridges.append(br)
         self.record.save()
-        for cmd in (["ip", "link", "add", br, "type", "bridge"],
-                    ["ip", "addr", "add", f"{self._mgmt_ip(1)}/{self.mgmt.prefixlen}", "dev", br],
+        ip = self._mgmt_ip(1)
+        for cmd in (["ip", "link", "add", br, "address", self._mgmt_mac(ip), "type", "bridge"],
+                    ["ip", "addr", "add", f"{ip}/{self.mgmt.prefixlen}", "dev", br],
                     ["ip", "link", "set", br, "up"]):
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise LabError(f"management bridge {br}: `{' '.join(cmd)}` failed: {proc.stderr.strip()}")
         subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{br}.disable_ipv6=1"], capture_output=True)
 
-    def _join_management(self, node: Any, ip: str) -> None:
+    def _join_management(self, node: Any, ip: str, nf: bool = True) -> None:
+        """Put ``node`` on the management network at ``ip``.
+
+        Every address has a fixed MAC, known to the bridge (static entry on the node's port,
+        learning off: a forged source address is never learnt) and to everyone it talks to
+        (permanent neighbour entries: an ARP reply or gratuitous ARP changes nobody's view).
+        An NF's port is moreover ``isolated`` (it reaches only the state server and the root
+        namespace, never another NF), ``locked`` (frames whose source MAC is not the port's own
+        are dropped) and gets no flooded unknown unicast or multicast.
+
+        Args:
+            node: the Mininet host.
+            ip: its management address.
+            nf: the host is an NF instance (else: the state server).
+        """
         self._mgmt_links += 1
-        root_if = f"m{self.tag}-{self._mgmt_links}"
+        br = self.mgmt_bridge
+        root_if = f"{br}-{self._mgmt_links}"
+        mac = self._mgmt_mac(ip)
         self.record.add_interface(root_if)
-        cmds = [["ip", "link", "add", root_if, "type", "veth", "peer", "name", MGMT_IF, "netns", str(node.pid)],
-                ["ip", "link", "set", root_if, "master", f"m{self.tag}", "up"]]
+        guard = ["isolated", "on", "locked", "on", "flood", "off", "mcast_flood", "off"] if nf else []
+        cmds = [["ip", "link", "add", root_if, "type", "veth", "peer", "name", MGMT_IF, "address", mac,
+                 "netns", str(node.pid)],
+                ["ip", "link", "set", root_if, "master", br],
+                ["bridge", "link", "set", "dev", root_if, "learning", "off", *guard],
+                ["bridge", "fdb", "replace", mac, "dev", root_if, "master", "static"],
+                ["ip", "neigh", "replace", ip, "lladdr", mac, "nud", "permanent", "dev", br]]
         for cmd in cmds:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise LabError(f"management link of {node.name}: {proc.stderr.strip()}")
+                raise LabError(f"management link of {node.name}: `{' '.join(cmd)}` failed: {proc.stderr.strip()}")
         self._tune_root_intf(root_if)
+        subprocess.run(["ip", "link", "set", root_if, "up"], capture_output=True)
+        peers = [(self._mgmt_ip(1), self._mgmt_mac(self._mgmt_ip(1)))]
+        if nf:
+            peers.append((self.state_ip, self._mgmt_mac(self.state_ip)))
         node.cmd(f"ip addr add {ip}/{self.mgmt.prefixlen} dev {MGMT_IF} && "
-                 f"ip link set {MGMT_IF} up && ip link set lo up")
+                 f"ip link set {MGMT_IF} up && ip link set lo up && " +
+                 " && ".join(f"ip neigh replace {p} lladdr {m} nud permanent dev {MGMT_IF}" for p, m in peers))
+        if nf:
+            self.state_node.cmd(f"ip neigh replace {ip} lladdr {mac} nud permanent dev {MGMT_IF}")
+
+    def _leave_management(self, ip: str) -> None:
+        """Forget a removed NF's management address (its port went with its veth)."""
+        self.state_node.cmd(f"ip neigh del {ip} dev {MGMT_IF}")
+        subprocess.run(["ip", "neigh", "del", ip, "dev", self.mgmt_bridge], capture_output=True)
 
     def _start_state_server(self) -> None:
-        self.progress("starting the state server (redis-server)")
+        """One redis-server per tenant in host ``state-server``, tenant i (topology order) on
+        port ``state.port + i``: a tenant can see, fill or stall only its own server. Each has
+        the default user off, the lab's ``admin`` and the tenant's user (:func:`tenant_acl`), a
+        memory limit (noeviction: state is never silently dropped), and is started under an
+        RLIMIT_DATA that bounds what a script may allocate. Passwords live in files of mode
+        0600 only; the NFs' scripts are loaded by the admin (tenants cannot load any)."""
+        self.progress(f"starting the state servers (one redis-server per tenant, {len(self.topo.tenants)})")
         self.state_node = self._add_node(STATE_NODE, ip=None)
         self.state_ip = self._mgmt_ip(2)
-        self._join_management(self.state_node, self.state_ip)
+        self._join_management(self.state_node, self.state_ip, nf=False)
+        self._prepare_nf_users()
+        if self.topo.state_port + len(self.topo.tenants) - 1 > 65535:
+            raise LabError(f"state.port {self.topo.state_port} ({self.topo.source}): the lab needs one port "
+                           f"per tenant from it, {len(self.topo.tenants)} in all; choose a lower port")
         self.passwords = {"admin": secrets.token_hex(16)}
-        users = [f"user admin on >{self.passwords['admin']} ~* &* +@all"]
-        for tenant in self.topo.tenants:
-            pw = self.passwords[tenant.name] = secrets.token_hex(16)
-            users.append(f"user tenant-{tenant.name} on >{pw} resetkeys ~t:{tenant.name}:* "
-                         f"resetchannels +@all -@admin -@dangerous -scan -randomkey")
-        conf = self.run_dir / "redis.conf"
-        conf.write_text("\n".join([
-            f"bind {self.state_ip}", f"port {self.topo.state_port}", "protected-mode yes",
-            'save ""', "appendonly no", "daemonize no", f"dir {self.run_dir}",
-            "user default off", *users, ""]))
-        conf.chmod(0o600)
-        log = self.run_dir / "redis.log"
-        proc = self._popen(self.state_node, ["redis-server", str(conf)], log, "redis-server")
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise ProcessFailed(f"redis-server on host {STATE_NODE}", proc.returncode, _tail(log))
+        started = []
+        for i, tenant in enumerate(self.topo.tenants):
+            name = tenant.name
+            port = self.state_ports[name] = self.topo.state_port + i
+            pw = self.passwords[name] = secrets.token_hex(16)
+            _write_private(self._tenant_dir(name) / "state-password", pw + "\n", self.nf_uids.get(name))
+            conf = self.run_dir / f"redis-{name}.conf"
+            _write_private(conf, "\n".join([
+                f"bind {self.state_ip}", f"port {port}", "protected-mode yes",
+                'save ""', "appendonly no", "daemonize no", f"dir {self.run_dir}",
+                f"maxmemory {STATE_MAXMEMORY}", "maxmemory-policy noeviction", "maxclients 1024",
+                "proto-max-bulk-len 1mb", "client-query-buffer-limit 1mb",
+                "client-output-buffer-limit normal 64mb 16mb 10",
+                "enable-debug-command no", "enable-module-command no", "enable-protected-configs no",
+                "user default off", f"user admin on >{self.passwords['admin']} ~* &* +@all",
+                tenant_acl(name, pw), ""]))
+            log = self.run_dir / f"redis-{name}.log"
+            argv = ["prlimit", f"--data={STATE_DATA_LIMIT}", "--", "redis-server", str(conf)]
+            started.append((name, self._popen(self.state_node, argv, log, f"redis-server of tenant {name}"), log))
+        for name, proc, log in started:
+            what = f"redis-server of tenant {name} on host {STATE_NODE} (port {self.state_ports[name]})"
+            deadline = time.monotonic() + READY_TIMEOUT
+            while True:
+                if proc.poll() is not None:
+                    raise ProcessFailed(what, proc.returncode, _tail(log))
+                try:
+                    if self.redis(server=name).ping():
+                        break
+                except Exception:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ProcessFailed(f"{what} (not answering after {READY_TIMEOUT:.0f}s)", None, _tail(log))
+                time.sleep(0.05)
+        self.load_state_scripts()
+
+    def load_state_scripts(self) -> None:
+        """Load the NFs' scripts (``nfs.state.SCRIPTS``) into every state server, as admin: a
+        tenant may run them by SHA (EVALSHA) but load none of its own."""
+        from nfs.state import SCRIPTS
+        for name in self.state_ports:
+            admin = self.redis(server=name)
+            for script in SCRIPTS.values():
+                admin.script_load(script.lua)
+
+    def _prepare_nf_users(self) -> None:
+        """Pick each tenant's NF uid (unless ``STATELAB_NF_ROOT=1``) and let those uids pass
+        through the run directory (0711: no listing) to their own tenant directory."""
+        self.nf_uids = {}
+        if os.environ.get(NF_ROOT_ENV) == "1":
+            return
+        if len(self.topo.tenants) > 256:
+            raise LabError(f"{len(self.topo.tenants)} tenants: NFs run as one uid per tenant, at most "
+                           f"256 per lab; set {NF_ROOT_ENV}=1 to run them as root")
+        for i, tenant in enumerate(self.topo.tenants):
+            uid = NF_UID_BASE + (int(self.tag, 16) << 8) + i
             try:
-                if self.redis().ping():
-                    return
-            except Exception:
-                pass
-            if time.monotonic() > deadline:
-                raise ProcessFailed(f"redis-server on host {STATE_NODE} (not answering after "
-                                    f"{READY_TIMEOUT:.0f}s)", None, _tail(log))
-            time.sleep(0.05)
+                taken = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                taken = None
+            if taken is not None:
+                raise LabError(f"uid {uid}, meant for the NFs of tenant {tenant.name}, belongs to user "
+                               f"{taken!r}; set {NF_ROOT_ENV}=1 to run NFs as root")
+            self.nf_uids[tenant.name] = uid
+        for d in [self.run_dir, *self.run_dir.parents]:
+            if d == self.run_dir:
+                d.chmod(0o711)
+            elif not d.stat().st_mode & 0o001:
+                raise LabError(f"{d} is not searchable by other users, so unprivileged NFs cannot reach "
+                               f"{self.run_dir}: `chmod o+x {d}`, another STATELAB_RUN, or {NF_ROOT_ENV}=1")
+
+    def _tenant_dir(self, tenant: str) -> Path:
+        """The directory of a tenant's NF configs, counters and state password: mode 0700,
+        owned by the tenant's NF uid (other tenants' NFs cannot read it)."""
+        d = self.run_dir / f"tenant-{tenant}"
+        if not d.is_dir():
+            d.mkdir(mode=0o700)
+            uid = self.nf_uids.get(tenant)
+            if uid is not None:
+                os.chown(d, uid, uid)
+        return d
+
+    def _nf_user_argv(self, tenant: str) -> list[str]:
+        """The prefix that starts a command as ``tenant``'s NF uid with only CAP_NET_RAW (none
+        when NFs run as root)."""
+        uid = self.nf_uids.get(tenant)
+        if uid is None:
+            return []
+        caps = f"-all,+{NF_CAPS}"
+        return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", f"--inh-caps={caps}",
+                f"--ambient-caps={caps}", f"--bounding-set={caps}", "--no-new-privs", "--"]
+
+    def state_port(self, tenant: str) -> int:
+        """The port of ``tenant``'s state server (on :attr:`state_ip`)."""
+        try:
+            return self.state_ports[tenant]
+        except KeyError:
+            raise LabError(f"no state server for tenant {tenant!r}; tenants: {', '.join(self.state_ports)}") from None
 
     def state_url(self, tenant: str) -> str:
-        """Redis URL with ``tenant``'s own ACL credentials (its key prefix only)."""
-        return f"redis://tenant-{tenant}:{self.passwords[tenant]}@{self.state_ip}:{self.topo.state_port}/0"
+        """Redis URL of ``tenant``'s state server with its user but no password (an NF gets the
+        password from a file: a command line is readable by every local user)."""
+        return f"redis://tenant-{tenant}@{self.state_ip}:{self.state_port(tenant)}/0"
 
-    def redis(self, tenant: Optional[str] = None):
-        """A redis-py client: the admin user, or ``tenant``'s restricted user."""
+    def state_password_file(self, tenant: str) -> Path:
+        """The file (mode 0600, owned by the tenant's NF uid) holding ``tenant``'s password."""
+        return self._tenant_dir(tenant) / "state-password"
+
+    def redis(self, tenant: Optional[str] = None, server: Optional[str] = None):
+        """A redis-py client of a state server.
+
+        Args:
+            tenant: connect as this tenant's restricted user; None: as the lab's admin.
+            server: whose state server (a tenant name); default: ``tenant``'s own. The admin
+                without ``server`` gets a client that sends each command to the server of the
+                tenant its key names (``t:{tenant}:...``).
+        """
         import redis
-        if tenant is None:
-            return redis.Redis(host=self.state_ip, port=self.topo.state_port, username="admin",
-                               password=self.passwords["admin"], socket_timeout=2)
-        return redis.Redis.from_url(self.state_url(tenant), socket_timeout=2)
+        if tenant is None and server is None:
+            return _AdminByKey(self)
+        return redis.Redis(host=self.state_ip, port=self.state_port(server or tenant),
+                           username="admin" if tenant is None else f"tenant-{tenant}",
+                           password=self.passwords["admin" if tenant is None else tenant], socket_timeout=2)
 
     # -- processes ---------------------------------------------------------------------
 
-    def _popen(self, node: Any, argv: list[str], log: Path, what: str) -> subprocess.Popen:
-        with open(log, "wb") as out:
+    def _popen(self, node: Any, argv: list[str], log: Path, what: str,
+               env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None) -> subprocess.Popen:
+        """Start a lab process in ``node``, its output in ``log`` (mode 0600), tracked by PID."""
+        with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             proc = node.popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              env=_process_env(), cwd=str(self.run_dir))
+                              env=env or _process_env(), cwd=str(cwd or self.run_dir))
         self.record.add_process(proc.pid, f"{what} on {node.name}")
         return proc
 
@@ -488,17 +649,27 @@ class Lab:
         mgmt_ip = self._mgmt_ip(self._next_mgmt)
         self._next_mgmt += 1
         self._join_management(node, mgmt_ip)
-        config = self.run_dir / f"{iid}.config.yaml"
-        config.write_text(yaml.safe_dump({
+        # the config (IPsec keys too), counters and password sit in the tenant's own directory,
+        # which only the tenant's NF uid can open; `statelab status` finds counters by a symlink
+        tdir = self._tenant_dir(tenant.name)
+        uid = self.nf_uids.get(tenant.name)
+        config = tdir / f"{iid}.config.yaml"
+        _write_private(config, yaml.safe_dump({
             **_plain(pool.config),
             "statelab": {"tenant": tenant.name, "tenant_id": tenant.id, "pool": pool.name,
-                         "chains": {"outbound": list(tenant.outbound), "inbound": list(tenant.inbound)}}}))
-        counters = self.run_dir / f"{iid}.counters.json"
+                         "chains": {"outbound": list(tenant.outbound), "inbound": list(tenant.inbound)}}}), uid)
+        counters = tdir / f"{iid}.counters.json"
+        counters.unlink(missing_ok=True)
+        link = self.run_dir / counters.name
+        link.unlink(missing_ok=True)
+        link.symlink_to(counters)
         log = self.run_dir / f"{iid}.log"
         command = list(pool.command) if pool.command else [sys.executable, "-m", f"nfs.{pool.kind}"]
-        argv = command + ["--iface", DATA_IF, "--state", self.state_url(tenant.name), "--instance", iid,
-                          "--config", str(config), "--counters", str(counters)]
-        proc = self._popen(node, argv, log, f"NF {iid}")
+        argv = self._nf_user_argv(tenant.name) + command + [
+            "--iface", DATA_IF, "--state", self.state_url(tenant.name),
+            "--state-password-file", str(self.state_password_file(tenant.name)), "--instance", iid,
+            "--config", str(config), "--counters", str(counters)]
+        proc = self._popen(node, argv, log, f"NF {iid}", env=_nf_env() if uid is not None else None, cwd=tdir)
         inst = Instance(iid, tenant, pool, node, Member(iid, port, mac), proc, counters, log, mgmt_ip)
         self.instances[iid] = inst
         return inst
@@ -512,8 +683,8 @@ class Lab:
         deadline = time.monotonic() + READY_TIMEOUT
         while not inst.counters():
             if inst.proc.poll() is not None:
-                raise ProcessFailed(f"NF {inst.id} ({' '.join(inst.proc.args[3:6])} ...)",
-                                    inst.proc.returncode, _tail(inst.log_path))
+                command = " ".join(inst.pool.command) if inst.pool.command else f"python -m nfs.{inst.pool.kind}"
+                raise ProcessFailed(f"NF {inst.id} ({command} ...)", inst.proc.returncode, _tail(inst.log_path))
             if time.monotonic() > deadline:
                 raise ProcessFailed(f"NF {inst.id} (not ready after {READY_TIMEOUT:.0f}s)", None,
                                     _tail(inst.log_path))
@@ -539,6 +710,7 @@ class Lab:
         del self.net.nameToNode[inst.node.name]
         if Path(f"/sys/class/net/{sw_intf}").exists():
             subprocess.run(["ip", "link", "del", sw_intf], capture_output=True)
+        self._leave_management(inst.mgmt_ip)
         del self.instances[inst.id]
 
     # -- looking at it -----------------------------------------------------------------
@@ -579,6 +751,50 @@ def _process_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+def _nf_env() -> dict[str, str]:
+    """Environment of an unprivileged NF: :func:`_process_env` without whatever else root's
+    environment holds (an NF can read its own)."""
+    keep = ("PATH", "LANG", "LC_ALL", "TZ")
+    return {k: v for k, v in _process_env().items() if k in keep or k.startswith("PYTHON")}
+
+
+def tenant_acl(tenant: str, password: str) -> str:
+    """The ACL line of a tenant's user: its own keys, no channels, only :data:`TENANT_COMMANDS`."""
+    return (f"user tenant-{tenant} on >{password} resetkeys ~t:{tenant}:* resetchannels -@all "
+            + " ".join(f"+{c}" for c in TENANT_COMMANDS))
+
+
+def _write_private(path: Path, text: str, uid: Optional[int] = None) -> None:
+    """Write ``path`` with mode 0600 from its first byte, owned by ``uid`` (default root)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if uid is not None:
+        os.fchown(fd, uid, uid)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+class _AdminByKey:
+    """The lab's admin on every state server: a command whose first argument is a key
+    ``t:{tenant}:...`` goes to that tenant's server (``lab.redis().get("t:blue:fw:x")``)."""
+
+    def __init__(self, lab: Lab) -> None:
+        self._lab = lab
+        self._clients: dict[str, Any] = {}
+
+    def __getattr__(self, command: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            key = args[0].decode() if args and isinstance(args[0], bytes) else args[0] if args else ""
+            parts = key.split(":") if isinstance(key, str) else []
+            if len(parts) < 3 or parts[0] != "t" or parts[1] not in self._lab.state_ports:
+                raise LabError(f"lab.redis().{command}{args!r}: one state server per tenant, and this "
+                               f"names no tenant's key; use lab.redis(server=TENANT)")
+            if parts[1] not in self._clients:
+                self._clients[parts[1]] = self._lab.redis(server=parts[1])
+            return getattr(self._clients[parts[1]], command)(*args, **kwargs)
+        return call
 
 
 def gateway_of(network: ipaddress.IPv4Network) -> ipaddress.IPv4Address:

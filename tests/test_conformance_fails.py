@@ -114,15 +114,35 @@ def test_iso_3_fails_when_a_pool_gets_another_tenants_traffic(fabric_lab) -> Non
 
 def test_iso_4_fails_when_a_tenant_user_may_read_every_key(fabric_lab) -> None:
     lab = fabric_lab
-    admin = lab.redis()
-    admin.execute_command("ACL", "SETUSER", "tenant-red", "allkeys")
+    from statelab.lab import TENANT_COMMANDS
+    # red's user widened to every key on its own server, and a red user on blue's server
+    # (as if the two shared one): each is a FAIL naming it
+    red, blue = lab.redis(server="red"), lab.redis(server="blue")
+    red.execute_command("ACL", "SETUSER", "tenant-red", "allkeys")
     try:
-        result = run(lab, "ISO-4")
+        widened = run(lab, "ISO-4")
     finally:
-        admin.execute_command("ACL", "SETUSER", "tenant-red", "resetkeys", "~t:red:*")
-    assert result.verdict == FAIL
-    assert result.figures["allowed"] > 0
-    assert any(op.startswith("red GET") for op in result.figures["allowed_operations"])
+        red.execute_command("ACL", "SETUSER", "tenant-red", "resetkeys", "~t:red:*")
+    blue.execute_command("ACL", "SETUSER", "tenant-red", "on", f">{lab.passwords['red']}", "~*", "+get")
+    try:
+        shared = run(lab, "ISO-4")
+    finally:
+        blue.execute_command("ACL", "DELUSER", "tenant-red")
+    assert widened.verdict == FAIL
+    assert widened.figures["allowed"] > 0
+    assert any(op.startswith("red GET t:blue:") for op in widened.figures["allowed_operations"])
+    assert shared.verdict == FAIL
+    assert any(op.startswith("red AUTH at blue's server") and "b'x'" in op
+               for op in shared.figures["allowed_operations"]), shared.figures["allowed_operations"]
+    # and a server that refuses everything, the tenant's own keys too, fails the positive half
+    red.execute_command("ACL", "SETUSER", "tenant-red", "-@all")
+    try:
+        closed = run(lab, "ISO-4")
+    finally:
+        red.execute_command("ACL", "SETUSER", "tenant-red", *(f"+{c}" for c in TENANT_COMMANDS))
+    assert closed.verdict == FAIL
+    assert closed.figures["allowed"] == 0
+    assert any(x.startswith("red:") for x in closed.figures["own_operations_broken"])
 
 
 # -- NFs that keep state in their own memory -------------------------------------------------
