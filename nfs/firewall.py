@@ -12,24 +12,29 @@ Connection tracking
     Key ``ct:{proto}:{ip}:{port}:{ip}:{port}`` with the two endpoints sorted, so both
     directions of a connection share one key (ICMP echo: the identifier is the port of both
     endpoints; other IP protocols: port 0). Value ``"{STATE} {originator ip}:{port}"``, e.g.
-    ``"ESTABLISHED 10.0.0.1:40000"``; its TTL is the timeout of the state.
+    ``"UDP 10.0.0.1:5353"``, and for TCP the record of :mod:`nfs.tcptrack` after it (23
+    integers: state, both directions' window edges and scales, the last packet noted); its TTL
+    is the timeout of the state.
 
-TCP (RFC 9293, following Linux conntrack loosely, without sequence-window tracking)
+TCP (RFC 9293, as Linux conntrack with ``nf_conntrack_tcp_loose=0``: see :mod:`nfs.tcptrack`)
     - flag combinations Linux accepts (SYN, SYN-ACK, RST, RST-ACK, ACK, FIN-ACK, each with or
-      without URG/PSH/ECE/CWR) only; anything else is ``invalid_state``;
-    - SYN from the originator: new entry SYN_SENT (or retransmission in SYN_SENT/SYN_RECV);
-      SYN in TIME_WAIT starts a new connection (either side may be the new originator);
-    - SYN-ACK from the responder: SYN_SENT -> SYN_RECV (retransmission in SYN_RECV/ESTABLISHED);
-    - ACK from the originator: SYN_RECV -> ESTABLISHED; the responder may send ACKs/data in
-      SYN_RECV (TCP Fast Open) without changing the state;
-    - FIN: ESTABLISHED -> FIN_WAIT (originator's FIN) or CLOSE_WAIT (responder's FIN); the
-      other side's FIN -> TIME_WAIT (Linux's LAST_ACK step is folded into TIME_WAIT);
-    - RST from either side: the packet passes and the entry is deleted;
+      without URG/PSH/ECE/CWR) only; anything else is ``bad_tcp_flags``;
+    - a SYN without an entry starts a connection if the rules allow it; so does a SYN after
+      both FINs (TIME_WAIT) or after its own side's RST (either side may be the new
+      originator);
+    - every other packet is checked against the state table and both directions' windows:
+      ``out_of_window`` (sequence number past what the receiver offered), ``bad_ack``
+      (acknowledges data never sent, e.g. a SYN-ACK acknowledging more than the SYN),
+      ``bad_rst`` (a RST behind what its receiver has acknowledged: blind, RFC 5961 §3),
+      ``invalid_state`` (Linux's table says invalid, e.g. an ACK before the SYN-ACK);
+      retransmissions of acknowledged data, and a SYN on a synchronised connection (RFC 5961
+      §4: the endpoint answers with a challenge ACK), pass without changing the entry;
+    - a RST that closes the connection moves it to CLOSE (10 s), or deletes it if the other
+      side never answered; a RST in the window but not at the expected sequence number passes
+      and closes nothing (RFC 5961 §3.2);
     - a non-SYN packet without an entry is dropped (``no_connection``) unless ``loose: true``,
-      which picks it up mid-stream as ESTABLISHED with its sender as originator (rules apply
-      to it as to a new connection); a SYN-ACK is never picked up;
-    - everything else (simultaneous open, an ACK in SYN_SENT, a SYN in ESTABLISHED,
-      a SYN-ACK from the originator) is ``invalid_state`` and changes nothing.
+      which picks an ACK up mid-stream as ESTABLISHED with its sender as originator (rules
+      apply to it as to a new connection) and does not check its window.
 
 UDP, ICMP echo, other protocols
     Pseudo-connections: UDP starts as ``UDP`` and becomes ``UDP_STREAM`` (longer timeout) once
@@ -39,23 +44,28 @@ UDP, ICMP echo, other protocols
     connection; other ICMP types are judged by the rules on every packet and never tracked.
 
 Timers
-    Timeouts per state (seconds, Linux defaults). A packet of a tracked connection rewrites
-    the entry only when its state changes or its remaining TTL is below half its timeout, so
-    an idle connection expires between half its timeout and its timeout after its last packet.
+    Timeouts per state (seconds, Linux defaults; TCP also ``unacknowledged`` while data is in
+    flight, ``max_retrans`` after three retransmissions, ``close`` after a RST, as Linux). A
+    packet of a tracked connection rewrites the entry when the entry changes (for TCP: nearly
+    every packet moves a window edge) or its remaining TTL is below half its timeout, so an
+    idle connection expires between half its timeout and its timeout after its last packet.
 
 State operations
     One pipelined round trip reads every key a batch touches (GET + PTTL); the packets of each
     connection are then run in arrival order over that view, and one more round trip writes
     the changes with the ``cas`` script (compare-and-set on the value read) or deletes the
-    entry (RST). A lost compare-and-set means another instance changed the connection in
-    between: its packets are re-read and re-run (at most :data:`CAS_TRIES` times, then dropped
-    as ``state_contention``). Packets that need no state (ARP, fragments, rule-only ICMP,
-    parse errors) never cost a state operation.
+    entry with the ``cad`` script (compare-and-delete, :data:`CAD`). A lost compare-and-set or
+    compare-and-delete means another instance changed the connection in between: its packets
+    are re-read and re-run (at most :data:`CAS_TRIES` times, then dropped as
+    ``state_contention``), so instances handling one connection at once agree as if they had
+    taken turns. Packets that need no state (ARP, fragments, rule-only ICMP, parse errors)
+    never cost a state operation.
 
 Non-IPv4 frames pass (``allow_non_ip``); non-first IPv4 fragments carry no ports and are
 dropped as ``fragment`` unless ``allow_fragments`` (first fragments are tracked as usual).
-Drop reasons: ``denied_by_rule``, ``no_connection``, ``invalid_state``, ``fragment``,
-``non_ip``, ``state_contention`` and the parse reasons of :mod:`nfs.packet`.
+Drop reasons: ``denied_by_rule``, ``no_connection``, ``invalid_state``, ``out_of_window``,
+``bad_ack``, ``bad_rst``, ``bad_tcp_flags``, ``fragment``, ``non_ip``, ``state_contention`` and
+the parse reasons of :mod:`nfs.packet`.
 """
 
 from __future__ import annotations
@@ -68,11 +78,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import jsonschema
 
-from nfs import nsh, packet
+from nfs import nsh, packet, tcptrack
 from nfs.nsh import Malformed
 from nfs.packet import PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from nfs.runtime import Drop, NetworkFunction, Verdict, main
-from nfs.state import Batch, Ref
+from nfs.state import SCRIPTS, Batch, LocalState, Ref, Script
+from nfs.tcptrack import ORIGINAL, REPLY, Segment, TcpConn
 
 OUTBOUND, INBOUND = 0, 1
 ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST = 0, 8
@@ -86,15 +97,20 @@ CAS_TRIES = 4
 
 DEFAULT_TIMEOUTS: dict[str, float] = {
     "syn_sent": 120, "syn_recv": 60, "established": 432000, "fin_wait": 120,
-    "close_wait": 60, "time_wait": 120, "udp": 30, "udp_stream": 180, "icmp": 30, "other": 600,
+    "close_wait": 60, "last_ack": 30, "time_wait": 120, "close": 10, "max_retrans": 300,
+    "unacknowledged": 300, "udp": 30, "udp_stream": 180, "icmp": 30, "other": 600,
 }
 _TIMEOUT_TEXT = {
-    "syn_sent": "TCP after the originator's SYN",
+    "syn_sent": "TCP after the originator's SYN (and in simultaneous open)",
     "syn_recv": "TCP after the responder's SYN-ACK",
     "established": "TCP after the handshake (Linux: 5 days)",
-    "fin_wait": "TCP after the originator's FIN",
-    "close_wait": "TCP after the responder's FIN",
-    "time_wait": "TCP after FINs from both sides",
+    "fin_wait": "TCP after the first FIN",
+    "close_wait": "TCP after the first FIN was acknowledged",
+    "last_ack": "TCP after FINs from both sides, until the last one is acknowledged",
+    "time_wait": "TCP after both FINs were acknowledged",
+    "close": "TCP after a RST",
+    "max_retrans": "TCP at most, after three retransmissions of one segment",
+    "unacknowledged": "TCP at most, while data is in flight unacknowledged",
     "udp": "UDP flow seen in one direction only",
     "udp_stream": "UDP flow after traffic both ways",
     "icmp": "ICMP echo (keyed by identifier)",
@@ -239,21 +255,80 @@ def compile_rule(n: int, spec: Mapping[str, Any]) -> Rule:
 
 @dataclass(frozen=True)
 class Conn:
-    """A connection-tracking entry: state and originator endpoint ``"ip:port"``."""
+    """A connection-tracking entry: state, originator endpoint ``"ip:port"`` and, for TCP, the
+    window-tracking record (whose state is the entry's state)."""
 
     state: str
     orig: str
+    tcp: Optional[TcpConn] = None
 
     def encode(self) -> bytes:
+        if self.tcp is not None:
+            return f"{self.tcp.name} {self.orig} {self.tcp.encode()}".encode()
         return f"{self.state} {self.orig}".encode()
+
+    @property
+    def timeout_name(self) -> str:
+        """The name of this entry's timeout in the config (``timeouts``)."""
+        if self.tcp is not None:
+            return tcptrack.TIMEOUT_OF[self.tcp.state]
+        return self.state.lower()
+
+    @classmethod
+    def of_tcp(cls, orig: str, tcp: TcpConn) -> "Conn":
+        return cls(tcp.name, orig, tcp)
 
     @classmethod
     def decode(cls, raw: Optional[bytes]) -> Optional["Conn"]:
         """The entry stored as ``raw``, or None if absent or unreadable (then it is replaced)."""
         if raw is None:
             return None
-        state, _, orig = raw.decode("ascii", "replace").partition(" ")
-        return cls(state, orig) if state.isupper() and state.lower() in DEFAULT_TIMEOUTS and orig else None
+        state, _, rest = raw.decode("ascii", "replace").partition(" ")
+        orig, _, record = rest.partition(" ")
+        if not orig:
+            return None
+        if state in tcptrack.STATE_BY_NAME:
+            tcp = TcpConn.decode(record)
+            return cls(state, orig, tcp) if tcp is not None and tcp.name == state else None
+        return cls(state, orig) if state in _OTHER_STATES and not record else None
+
+
+_OTHER_STATES = frozenset({"UDP", "UDP_STREAM", "ICMP", "OTHER"})
+
+
+def _cad_local(store: LocalState, keys: Sequence[str], args: Sequence[Any]) -> int:
+    key, = keys
+    if store._get(key) != args[0]:
+        return 0
+    del store.store[key]
+    return 1
+
+
+CAD = Script(
+    # KEYS[1]; ARGV[1]: the value read. Deletes the key only if it still holds that value
+    # (compare-and-delete: a RST must not delete what another instance wrote since). Returns 1 or 0.
+    lua="""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+""",
+    local=_cad_local,
+)
+# The state client knows its scripts by name; the firewall brings this one (registered before
+# any state client of the firewall exists, since it opens its client on first use).
+SCRIPTS.setdefault("cad", CAD)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What one packet did: drop reason (None: it passes), the entry afterwards (None: no
+    entry), the timer it starts (ms; None: the timer runs on) and a cut of the timer (ms)."""
+
+    reason: Optional[str]
+    conn: Optional[Conn]
+    timeout: Optional[int] = None
+    shorten: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -302,7 +377,7 @@ class Firewall(NetworkFunction):
         self.allow_non_ip = bool(self.config.get("allow_non_ip", True))
         self.allow_fragments = bool(self.config.get("allow_fragments", False))
         timeouts = {**DEFAULT_TIMEOUTS, **self.config.get("timeouts", {})}
-        self.timeout_ms = {name.upper(): max(1, int(sec * 1000)) for name, sec in timeouts.items()}
+        self.timeout_ms = {name: max(1, int(sec * 1000)) for name, sec in timeouts.items()}
 
     # -- the batch ---------------------------------------------------------------------
 
@@ -381,89 +456,83 @@ class Firewall(NetworkFunction):
         """Run one connection's packets in order over its entry; queue the write it needs.
 
         Returns:
-            The ref of the compare-and-set queued in ``writes``, or None if nothing can be lost.
+            The ref of the compare-and-set or compare-and-delete queued in ``writes``, or None
+            if nothing was queued.
         """
-        first = conn = Conn.decode(raw)
-        touched = False
+        conn = Conn.decode(raw)
+        timeout: Optional[int] = None
+        shorten: Optional[int] = None
         for item in items:
-            reason, conn = self._step(item, conn)
-            verdicts[item.index] = Drop(reason) if reason else item.frame.inner
-            touched = touched or (reason is None and item.kind != "error")
+            step = self._step(item, conn)
+            verdicts[item.index] = Drop(step.reason) if step.reason else item.frame.inner
+            conn = step.conn
+            if step.timeout is not None:
+                timeout, shorten = step.timeout, None  # the last packet that starts the timer wins
+            if step.shorten is not None:
+                shorten = step.shorten
         if conn is None:
-            if first is not None:
-                writes.delete(key)
-            return None
-        timeout = self.timeout_ms[conn.state]
-        if conn != first or (touched and pttl < timeout // 2):  # pttl < 0: gone or without TTL
-            return writes.script("cas", [key], [raw if raw is not None else b"", conn.encode(), timeout])
+            return writes.script("cad", [key], [raw]) if raw is not None else None
+        value = conn.encode()
+        running = pttl if pttl > 0 else self.timeout_ms[conn.timeout_name]
+        ttl = running if timeout is None else timeout
+        if shorten is not None and ttl > shorten and ttl >= tcptrack.INVALID_SHORTEN_MIN_MS:
+            ttl = shorten
+        if value != raw or ttl < running or (timeout is not None and running < timeout // 2):
+            return writes.script("cas", [key], [raw if raw is not None else b"", value, ttl])
         return None
 
     # -- per packet --------------------------------------------------------------------
 
-    def _new(self, item: _Item, state: str, conn: Optional[Conn]) -> tuple[Optional[str], Optional[Conn]]:
-        """A packet that starts a connection: the rules decide; ``conn`` stays if they deny it."""
+    def _new(self, item: _Item, state: str) -> _Step:
+        """A packet that starts a (non-TCP) connection: the rules decide."""
         if not self._allowed(item.direction, item.pkt):
-            return "denied_by_rule", conn
-        return None, Conn(state, item.sender)
+            return _Step("denied_by_rule", None)
+        conn = Conn(state, item.sender)
+        return _Step(None, conn, self.timeout_ms[conn.timeout_name])
 
-    def _step(self, item: _Item, conn: Optional[Conn]) -> tuple[Optional[str], Optional[Conn]]:
-        """One packet over its connection's entry: (drop reason or None, entry afterwards)."""
+    def _step(self, item: _Item, conn: Optional[Conn]) -> _Step:
+        """One packet over its connection's entry."""
         if item.kind == "error":
-            return (None, conn) if conn is not None else ("no_connection", conn)
+            return _Step(None, conn) if conn is not None else _Step("no_connection", conn)
         if item.kind == "tcp":
             return self._tcp(item, conn)
         echo_request = item.pkt.icmp_type == ICMP_ECHO_REQUEST
-        if conn is None:
+        if conn is None or conn.tcp is not None:  # (a TCP entry under a UDP key cannot be)
             if item.kind == "echo" and not echo_request:
-                return "no_connection", None
-            return self._new(item, {"udp": "UDP", "echo": "ICMP", "other": "OTHER"}[item.kind], None)
+                return _Step("no_connection", conn)
+            return self._new(item, {"udp": "UDP", "echo": "ICMP", "other": "OTHER"}[item.kind])
         from_orig = item.sender == conn.orig
         if item.kind == "udp" and not from_orig and conn.state == "UDP":
-            return None, Conn("UDP_STREAM", conn.orig)
+            conn = Conn("UDP_STREAM", conn.orig)
         if item.kind == "echo" and echo_request != from_orig:
-            return "invalid_state", conn
-        return None, conn
+            return _Step("invalid_state", conn)
+        return _Step(None, conn, self.timeout_ms[conn.timeout_name])
 
-    def _tcp(self, item: _Item, conn: Optional[Conn]) -> tuple[Optional[str], Optional[Conn]]:
+    def _tcp(self, item: _Item, conn: Optional[Conn]) -> _Step:
         flags = item.pkt.tcp_flags
         if flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK | TCP_URG) not in VALID_TCP_FLAGS:
-            return "invalid_state", conn
-        syn, ack, fin = flags & TCP_SYN, flags & TCP_ACK, flags & TCP_FIN
-        if flags & TCP_RST:
-            return ("no_connection", None) if conn is None else (None, None)
-        if conn is None or (syn and not ack and conn.state == "TIME_WAIT"):
-            if syn and not ack:
-                return self._new(item, "SYN_SENT", conn)
-            if self.loose and not syn:
-                return self._new(item, _after_fin("ESTABLISHED", True) if fin else "ESTABLISHED", conn)
-            return "no_connection", conn
-        from_orig = item.sender == conn.orig
-        state = conn.state
-        if syn and not ack:  # retransmitted SYN; else simultaneous open or SYN mid-connection
-            retransmit = from_orig and state in ("SYN_SENT", "SYN_RECV")
-            return (None, conn) if retransmit else ("invalid_state", conn)
-        if syn:  # SYN-ACK
-            if from_orig or state not in ("SYN_SENT", "SYN_RECV", "ESTABLISHED"):
-                return "invalid_state", conn
-            return None, Conn("SYN_RECV", conn.orig) if state == "SYN_SENT" else conn
-        if state == "SYN_SENT":
-            return "invalid_state", conn
-        if state == "SYN_RECV":
-            if not from_orig:
-                return None, conn
-            state = "ESTABLISHED"
-        if fin:
-            state = _after_fin(state, from_orig)
-        return None, Conn(state, conn.orig)
+            return _Step("bad_tcp_flags", conn)
+        seg = Segment.from_packet(item.pkt)
+        if conn is None or conn.tcp is None:
+            return self._tcp_open(item, seg, conn)
+        record = conn.tcp  # a fresh copy decoded for this batch: changed in place
+        direction = ORIGINAL if item.sender == conn.orig else REPLY
+        out = tcptrack.track(record, direction, seg, self.timeout_ms)
+        if out.reopen:  # the old connection is over whatever the rules say about the new one
+            return self._tcp_open(item, seg, None)
+        return _Step(out.reason, None if out.kill else Conn.of_tcp(conn.orig, record), out.timeout, out.shorten)
 
-
-def _after_fin(state: str, from_orig: bool) -> str:
-    """The TCP state after a FIN from the originator (``from_orig``) or the responder."""
-    if state == "ESTABLISHED":
-        return "FIN_WAIT" if from_orig else "CLOSE_WAIT"
-    if (state, from_orig) in (("FIN_WAIT", False), ("CLOSE_WAIT", True)):
-        return "TIME_WAIT"
-    return state
+    def _tcp_open(self, item: _Item, seg: Segment, conn: Optional[Conn]) -> _Step:
+        """A TCP packet without a (usable) entry: a SYN the rules allow starts a connection."""
+        record = tcptrack.new(seg, self.loose)
+        if record is None:
+            return _Step("no_connection", conn)
+        if not self._allowed(item.direction, item.pkt):
+            return _Step("denied_by_rule", conn)
+        out = tcptrack.track(record, ORIGINAL, seg, self.timeout_ms)
+        if out.reason or out.kill:
+            return _Step(out.reason, conn)
+        return _Step(None, Conn.of_tcp(item.sender, record), out.timeout)
 
 
 if __name__ == "__main__":
