@@ -12,6 +12,7 @@ import importlib
 import json
 import platform
 import subprocess
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,11 +135,18 @@ class Report:
         path.write_text(json.dumps(self.as_dict(), indent=2))
         return path
 
-    def table(self) -> str:
-        """The one-screen summary: one line per check."""
+    def table(self, width: int = 110) -> str:
+        """The one-screen summary: a line per check (figures wrapped, never cut); a SKIP shows
+        its reason, a FAIL what broke."""
         lines = [f"statelab conformance on {self.target} ({self.topology.name})",
                  f"{'check':9} {'verdict':7} {'level':6} figures"]
-        for r in self.records:
+        indent = " " * 25
+        for r in sorted(self.records, key=lambda r: r.id):
             figs = ", ".join(f"{k}={v}" for k, v in r.figures.items() if not isinstance(v, (dict, list)))
-            lines.append(f"{r.id:9} {r.verdict:7} {r.level:6} {figs[:110]}")
+            text = f"reason: {r.details}" if r.verdict == SKIP else figs
+            if r.verdict == FAIL and r.details:
+                text = f"{figs}; FAIL: {r.details}"
+            wrapped = textwrap.wrap(text, width - len(indent), break_long_words=False) or [""]
+            lines.append(f"{r.id:9} {r.verdict:7} {r.level:6} {wrapped[0]}")
+            lines += [indent + w for w in wrapped[1:]]
         return "\n".join(lines)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-
+from conformance.core import SKIP, Result
 from statelab.timeline import Timeline
 from statelab.traffic import TcpStream, UdpStream
 
@@ -95,6 +95,21 @@ def scenarios(topo: Any) -> list[Scenario]:
     return out
 
 
+def nothing_to_exercise(ctx: "Context") -> Result:
+    """SKIP, with the reason: no pool of the topology can be driven with traffic."""
+    reasons = []
+    for t in ctx.lab.topo.tenants:
+        zones = {h.zone for h in t.hosts}
+        if not t.pools:
+            reasons.append(f"tenant {t.name} has no NF pool")
+        elif not {"inside", "outside"} <= zones:
+            reasons.append(f"tenant {t.name} has no {'outside' if 'inside' in zones else 'inside'} host "
+                           f"to drive traffic through its chain")
+    if ctx.only is not None:
+        reasons.append(f"limited to pools {sorted(ctx.only)}")
+    return Result(SKIP, {"pools": 0}, "nothing to exercise: " + ("; ".join(reasons) or "no pool in a chain"))
+
+
 def pools_in_use(topo: Any) -> list[tuple[Scenario, Any]]:
     """Every (scenario, pool) pair: each pool of each tenant's chains, once."""
     out = []
@@ -120,12 +135,40 @@ class Load:
     event_at: float
     event_result: Any
     nf_drops: dict[str, int]
+    event_ms: float = 0.0
+    started: frozenset[str] = frozenset()
+
+    def pool_packets(self) -> int:
+        """Packets the followed instances received during the load (all of them together)."""
+        total = 0
+        for iid, series in self.timeline.samples.items():
+            if series:
+                total += series[-1][1] - (series[0][1] if iid in self.started else 0)
+        return total
+
+    def rate_before(self, iid: str, window: float = 0.5) -> float:
+        """Packets/s instance ``iid`` received in the ``window`` s before the event."""
+        series = [(t, rx) for t, rx in self.timeline.samples.get(iid, []) if t <= self.event_at]
+        recent = [(t, rx) for t, rx in series if t >= self.event_at - window]
+        if len(recent) < 2:
+            recent = series[-2:]
+        if len(recent) < 2 or recent[-1][0] <= recent[0][0]:
+            return 0.0
+        return round((recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0]), 1)
+
+    def delivered_after(self, t: float) -> Optional[int]:
+        """UDP datagrams sent at or after wall-clock time ``t`` that reached the sink."""
+        if self.udp is None:
+            return None
+        bins = self.udp["received"].get("by_send_time", {})
+        return sum(n for start, n in bins.items() if float(start) >= t)
 
     def figures(self) -> dict[str, Any]:
         f: dict[str, Any] = {}
         if self.udp is not None:
             flows = self.udp["flows"].values()
             f.update(udp_flows=len(flows), udp_sent=sum(x["sent"] for x in flows),
+                     udp_send_errors=self.udp["sent"].get("send_errors", 0),
                      udp_lost=sum(x["lost"] for x in flows), udp_duplicates=sum(x["duplicates"] for x in flows),
                      udp_reordered=sum(x["reordered"] for x in flows),
                      max_outage_ms=max((x["outage_ms"] for x in flows), default=0.0),
@@ -137,6 +180,7 @@ class Load:
             errors = sorted({r["error"] for r in s["failed"] if r.get("error")})
             if errors:
                 f["tcp_errors"] = errors
+        f["pool_packets"] = self.pool_packets()
         if self.nf_drops:
             f["nf_drops"] = self.nf_drops
         return f
@@ -158,6 +202,8 @@ def under_load(ctx: Context, sc: Scenario, event: Callable[[], Any], follow: lis
     port = next(_ports)
     drops_before = drop_counters(lab)
     with Timeline(lab, follow) as tl:
+        tl.sample()
+        started = frozenset(tl.samples)
         u = (UdpStream(lab, sc.client, sc.servers[0], sc.dst_ip, flows=UDP_FLOWS, rate=UDP_RATE,
                        duration=duration, port=port, first_sport=next(_sports))
              if udp and sc.udp else None)
@@ -168,11 +214,12 @@ def under_load(ctx: Context, sc: Scenario, event: Callable[[], Any], follow: lis
         time.sleep(at)
         event_at = time.time()
         event_result = event()
+        event_ms = round((time.time() - event_at) * 1000, 1)
         udp_res = u.result() if u else None
         tcp_res = t.result() if t else None
     after = drop_counters(lab)
     nf_drops = {k: n - drops_before.get(k, 0) for k, n in after.items() if n != drops_before.get(k, 0)}
-    return Load(udp_res, tcp_res, tl, event_at, event_result, nf_drops)
+    return Load(udp_res, tcp_res, tl, event_at, event_result, nf_drops, event_ms, started)
 
 
 def drop_counters(lab: Any) -> dict[str, int]:
@@ -181,11 +228,18 @@ def drop_counters(lab: Any) -> dict[str, int]:
             for reason, n in c.get("drops", {}).items()}
 
 
-def busiest(lab: Any, tenant: str, pool: str) -> Any:
-    """The in-pool instance of a pool that has received the most packets."""
-    counters = lab.settled_counters()
+def busiest(lab: Any, tenant: str, pool: str, window: float = 0.4) -> Any:
+    """The in-pool instance of a pool that receives the most packets now: its rate over the
+    last ``window`` s (two readings of its counters), not its lifetime count."""
     live = [i for i in lab.pool_instances(tenant, pool) if i.in_pool and i.alive()]
-    return max(live, key=lambda i: counters.get(i.id, {}).get("rx", 0))
+    first = {i.id: i.counters() for i in live}
+    time.sleep(window)  # the measurement window
+
+    def rate(inst: Any) -> float:
+        a, b = first[inst.id], inst.counters()
+        dt = b.get("updated", 0) - a.get("updated", 0)
+        return (b.get("rx", 0) - a.get("rx", 0)) / dt if dt > 0 else 0.0
+    return max(live, key=rate)
 
 
 def first_packet_ms(tl: Timeline, iid: str, since: float) -> Optional[float]:
@@ -211,6 +265,12 @@ def no_disruption(f: dict[str, Any]) -> bool:
     return (f.get("udp_lost", 0) == 0 and f.get("udp_duplicates", 0) == 0 and f.get("tcp_broken", 0) == 0)
 
 
+def exercised(f: dict[str, Any]) -> bool:
+    """Whether a load run put traffic through its pool (offered some, and the pool received it)."""
+    offered = f.get("udp_sent", 0) + f.get("tcp_connections", 0)
+    return offered > 0 and f.get("pool_packets", 0) > 0
+
+
 def plot(ctx: Context, load: Load, name: str, title: str, f: dict[str, Any]) -> Optional[Path]:
     png = ctx.png(name)
     if png:
@@ -225,6 +285,10 @@ def pool_outcome(ctx: Context, check_id: str, what: str, sc: Scenario, pool: Any
     label = pool_label(sc, pool)
     png = plot(ctx, load, f"{check_id}-{sc.tenant}-{pool.name}", f"{check_id} {what} of {label} under load", f)
     per_pool[label] = f
+    if not exercised(f):
+        problems.append(f"{label}: traffic could not be driven through the pool ({f.get('pool_packets', 0)} "
+                        f"packets reached its instances, {f.get('udp_sent', 0)} datagrams and "
+                        f"{f.get('tcp_connections', 0)} connections offered)")
     if not no_disruption(f):
         problems.append(f"{label}: lost {f.get('udp_lost')}, duplicated {f.get('udp_duplicates')}, "
                         f"TCP broken {f.get('tcp_broken')} {f.get('tcp_errors', '')}")

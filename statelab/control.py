@@ -115,6 +115,7 @@ class Controller:
                 except Exception:
                     inst.proc.kill()
                     code = inst.proc.wait()
+                self._event("stopped", inst.id)
                 self.lab.fabric.forget_member(inst.key, inst.member)
                 self.lab.remove_instance(inst)
                 if code != 0:

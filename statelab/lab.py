@@ -607,19 +607,22 @@ class Lab:
         self.record.add_process(proc.pid, f"{what} on {node.name}")
         return proc
 
-    def spawn(self, host: str, argv: list[str]) -> subprocess.Popen:
-        """Start a program in a tenant host, tracked by PID like every lab process.
+    def spawn(self, host: str, argv: list[str], stdin: bool = False) -> subprocess.Popen:
+        """Start a program in a tenant host (or an NF instance's host), tracked by PID like
+        every lab process.
 
         Args:
-            host: tenant host name.
+            host: tenant host name, or NF instance id.
             argv: the command; its stdout is a pipe, stderr goes to the host's log.
+            stdin: give the program a pipe to write to (else /dev/null).
 
         Returns:
             The process (``.stdout`` readable as text).
         """
-        node = self.host(host)
+        node = self.instances[host].node if host in self.instances else self.host(host)
         with open(self.run_dir / f"{host}.log", "ab") as err:
-            proc = node.popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+            proc = node.popen(argv, stdout=subprocess.PIPE, stderr=err,
+                              stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                               env=_process_env(), cwd=str(self.run_dir), text=True)
         self.record.add_process(proc.pid, f"{argv[0]} on {host}")
         return proc

@@ -52,7 +52,8 @@ def udp_send(dst: str, port: int, flows: int, rate: float, packets: Optional[int
         first_sport: source port of flow 0.
 
     Returns:
-        ``{"sent": {flow: n}, "rate_per_flow": pps, "start": t, "duration": s}``.
+        ``{"sent": {flow: n}, "send_errors": n, "rate_per_flow": pps, "start": t, "duration": s}``;
+        ``sent`` counts every datagram offered, including those whose send failed.
     """
     socks = []
     for i in range(flows):
@@ -61,6 +62,7 @@ def udp_send(dst: str, port: int, flows: int, rate: float, packets: Optional[int
         socks.append(s)
     pad = b"\0" * max(0, size - HEADER.size)
     sent = {i: 0 for i in range(flows)}
+    send_errors = 0
     interval = 1.0 / rate
     total = packets * flows if packets is not None else int((duration or 0) * rate)
     start, t0 = time.time(), time.monotonic()
@@ -69,21 +71,23 @@ def udp_send(dst: str, port: int, flows: int, rate: float, packets: Optional[int
         delay = t0 + n * interval - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+        sent[i] += 1  # offered: a datagram whose send fails (e.g. an ICMP error came back) is lost
         try:
             socks[i].sendto(HEADER.pack(i, seq, time.time()) + pad, (dst, port))
-            sent[i] += 1
         except OSError:
-            pass  # e.g. an ICMP error came back on this socket: the datagram counts as lost
+            send_errors += 1
     for s in socks:
         s.close()
-    return {"sent": sent, "rate_per_flow": rate / flows, "start": start, "duration": time.monotonic() - t0}
+    return {"sent": sent, "send_errors": send_errors, "rate_per_flow": rate / flows, "start": start,
+            "duration": time.monotonic() - t0}
 
 
 def udp_sink(port: int, duration: float, idle: float) -> dict[str, Any]:
     """Receive datagrams for up to ``duration`` s; stop after ``idle`` s of silence once some came.
 
     Returns:
-        ``{"flows": {flow: {"received", "duplicates", "reordered", "max_gap_ms", "sources"}}, "total"}``.
+        ``{"flows": {flow: {"received", "duplicates", "reordered", "max_gap_ms", "sources"}}, "total",
+        "by_send_time": {bin start (s since the epoch, 100 ms bins): datagrams first received}}``.
     """
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -95,6 +99,7 @@ def udp_sink(port: int, duration: float, idle: float) -> dict[str, Any]:
     last_at: dict[int, float] = {}
     end = time.monotonic() + duration
     last_rx: Optional[float] = None
+    by_send_time: dict[int, int] = {}
     while time.monotonic() < end:
         if last_rx is not None and time.monotonic() - last_rx > idle:
             break
@@ -106,7 +111,7 @@ def udp_sink(port: int, duration: float, idle: float) -> dict[str, Any]:
         last_rx = now
         if len(data) < HEADER.size:
             continue
-        fid, seq, _ts = HEADER.unpack_from(data)
+        fid, seq, ts = HEADER.unpack_from(data)
         f = flows.setdefault(fid, {"received": 0, "duplicates": 0, "reordered": 0, "max_gap_ms": 0.0,
                                    "sources": []})
         src = f"{addr[0]}:{addr[1]}"
@@ -117,6 +122,8 @@ def udp_sink(port: int, duration: float, idle: float) -> dict[str, Any]:
             continue
         seen[fid].add(seq)
         f["received"] += 1
+        sent_bin = int(ts * 10)
+        by_send_time[sent_bin] = by_send_time.get(sent_bin, 0) + 1
         if seq < top.get(fid, -1):
             f["reordered"] += 1
         top[fid] = max(seq, top.get(fid, -1))
@@ -124,7 +131,8 @@ def udp_sink(port: int, duration: float, idle: float) -> dict[str, Any]:
             f["max_gap_ms"] = max(f["max_gap_ms"], round((now - last_at[fid]) * 1000, 1))
         last_at[fid] = now
     return {"flows": {str(k): v for k, v in sorted(flows.items())},
-            "total": sum(f["received"] for f in flows.values())}
+            "total": sum(f["received"] for f in flows.values()),
+            "by_send_time": {str(k / 10): n for k, n in sorted(by_send_time.items())}}
 
 
 # -- TCP ----------------------------------------------------------------------------------
@@ -244,6 +252,26 @@ def tcp_send(dst: str, port: int, connections: int, nbytes: int, duration: float
             "failed": [r for r in results if not r.get("ok")], "results": results}
 
 
+# -- raw frames ---------------------------------------------------------------------------
+
+def inject(iface: str) -> None:
+    """Send raw Ethernet frames on ``iface``: each stdin line is a JSON list of hex frames;
+    each answer line is ``{"sent": n, "errors": [...]}``, counting only frames the kernel took."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((iface, 0))
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        sent, errors = 0, []
+        for frame in json.loads(line):
+            data = bytes.fromhex(frame)
+            try:
+                if s.send(data) == len(data):
+                    sent += 1
+            except OSError as err:
+                errors.append(str(err))
+        print(json.dumps({"sent": sent, "errors": errors}), flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: one of the four tools; prints its JSON result."""
     ap = argparse.ArgumentParser(prog="python -m statelab.traffic")
@@ -272,7 +300,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--duration", type=float, default=0.0)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--stall", type=float, default=5.0)
+    p = sub.add_parser("inject")
+    p.add_argument("--iface", default="eth0")
     args = ap.parse_args(argv)
+    if args.tool == "inject":
+        inject(args.iface)
+        return 0
     if args.tool == "udp-send":
         if (args.packets is None) == (args.duration is None):
             ap.error("udp-send needs exactly one of --packets and --duration")
@@ -303,6 +336,36 @@ def _json_line(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
 
 def _tool(lab: Any, host: str, *args: Any) -> subprocess.Popen:
     return lab.spawn(host, [sys.executable, "-m", "statelab.traffic", *map(str, args)])
+
+
+class Injector:
+    """Raw frames sent from a lab node's data interface; counts what was really sent.
+
+    Args:
+        lab: the running lab.
+        node: a tenant host or NF instance name.
+    """
+
+    def __init__(self, lab: Any, node: str) -> None:
+        self.proc = lab.spawn(node, [sys.executable, "-m", "statelab.traffic", "inject", "--iface", "eth0"],
+                              stdin=True)
+        _json_line(self.proc, 15)
+
+    def send(self, frames: Sequence[bytes]) -> int:
+        """Send ``frames``; return how many the kernel accepted."""
+        self.proc.stdin.write(json.dumps([f.hex() for f in frames]) + "\n")
+        self.proc.stdin.flush()
+        return _json_line(self.proc, 15)["sent"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(5)
+
+    def __enter__(self) -> "Injector":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class UdpStream:

@@ -12,7 +12,8 @@ import time
 from typing import Any, Optional
 
 from conformance.core import SKIP, Result, check, verdict
-from conformance.load import Context, Load, Scenario, busiest, collect, plot, under_load
+from conformance.load import (Context, Load, Scenario, busiest, collect, exercised, nothing_to_exercise, plot,
+                              pool_label, under_load)
 
 # -- CONT: state continuity across crashes ---------------------------------------------------
 
@@ -30,6 +31,19 @@ def _kill_busiest(ctx: Context, sc: Scenario, pool: Any, udp: bool = True, tcp: 
     return load
 
 
+def kill_proof(load: Load, f: dict[str, Any], label: str, problems: list[str]) -> None:
+    """Record what the kill proved: the killed instance's rate just before it, and whether the
+    load ran through the pool at all; a kill of an idle instance proves nothing (a problem)."""
+    f["killed"] = load.event_result
+    f["killed_rate_before_pps"] = load.rate_before(load.event_result)
+    if not exercised(f):
+        problems.append(f"{label}: traffic could not be driven through the pool "
+                        f"({f.get('pool_packets', 0)} packets reached its instances)")
+    elif f["killed_rate_before_pps"] <= 0:
+        problems.append(f"{label}: the killed instance {load.event_result} carried no traffic just "
+                        f"before the kill, so the kill proved nothing")
+
+
 @check("CONT-1")
 def cont_1(ctx: Context) -> Result:
     """Killing (SIGKILL) an instance of any NF kind under load MUST break no TCP connection;
@@ -39,11 +53,15 @@ def cont_1(ctx: Context) -> Result:
     its pool fails over to the survivors. Outage per flow = lost / offered rate (RFC 6201).
     """
     per_kind: dict[str, dict[str, Any]] = {}
-    problems, first_png = [], None
-    for sc, pool in ctx.pools(one_per_kind=True):
+    problems: list[str] = []
+    first_png = None
+    pairs = ctx.pools(one_per_kind=True)
+    if not pairs:
+        return nothing_to_exercise(ctx)
+    for sc, pool in pairs:
         load = _kill_busiest(ctx, sc, pool)
         f = load.figures()
-        f["killed"] = load.event_result
+        kill_proof(load, f, pool_label(sc, pool), problems)
         if load.udp:
             outages = [x["outage_ms"] for x in load.udp["flows"].values()]
             f["mean_outage_ms"] = round(sum(outages) / len(outages), 1) if outages else 0.0
@@ -52,7 +70,8 @@ def cont_1(ctx: Context) -> Result:
         per_kind[pool.kind] = f
         if f.get("tcp_broken", 0):
             problems.append(f"{pool.kind}: {f['tcp_broken']} TCP connections broken {f.get('tcp_errors', '')}")
-    figures = collect(per_kind, ("tcp_broken", "udp_lost"))
+    figures = collect(per_kind, ("tcp_broken", "udp_lost", "pool_packets"))
+    figures["kinds_exercised"] = len(per_kind)
     return verdict(not problems, figures, "; ".join(problems), first_png)
 
 
@@ -73,19 +92,21 @@ def cont_2(ctx: Context) -> Result:
     lab = ctx.lab
     found = _need(ctx, "firewall")
     if not found:
-        return Result(SKIP, details="the topology has no firewall pool")
+        return Result(SKIP, details="the topology has no firewall pool that traffic can be driven through")
     sc, pool = found
     before = {i.id: i.counters().get("drops", {}).get("no_connection", 0) for i in lab.pool_instances(sc.tenant, pool.name)}
     load = _kill_busiest(ctx, sc, pool, udp=False)
     f = load.figures()
-    f["killed"] = load.event_result
+    problems: list[str] = []
+    kill_proof(load, f, pool_label(sc, pool), problems)
     counters = lab.settled_counters()
     f["survivor_no_connection_drops"] = sum(counters.get(i, {}).get("drops", {}).get("no_connection", 0) - n
                                             for i, n in before.items() if i in counters and i != load.event_result)
     png = plot(ctx, load, "CONT-2-firewall", f"CONT-2 SIGKILL of firewall {load.event_result}", f)
-    ok = f.get("tcp_broken", 0) == 0 and f["survivor_no_connection_drops"] == 0
-    return verdict(ok, f, f"{f.get('tcp_broken')} connections broken {f.get('tcp_errors', '')}, survivors dropped "
-                          f"{f['survivor_no_connection_drops']} packets as unknown connections", png)
+    ok = f.get("tcp_broken", 0) == 0 and f["survivor_no_connection_drops"] == 0 and not problems
+    return verdict(ok, f, "; ".join([*problems, f"{f.get('tcp_broken')} connections broken "
+                                     f"{f.get('tcp_errors', '')}, survivors dropped "
+                                     f"{f['survivor_no_connection_drops']} packets as unknown connections"]), png)
 
 
 @check("CONT-3")
@@ -99,38 +120,43 @@ def cont_3(ctx: Context) -> Result:
     """
     found = _need(ctx, "nat")
     if not found:
-        return Result(SKIP, details="the topology has no nat pool")
+        return Result(SKIP, details="the topology has no nat pool that traffic can be driven through")
     sc, pool = found
     load = _kill_busiest(ctx, sc, pool)
     f = load.figures()
-    f["killed"] = load.event_result
+    problems: list[str] = []
+    kill_proof(load, f, pool_label(sc, pool), problems)
     remapped = {k: v["sources"] for k, v in (load.udp or {"flows": {}})["flows"].items() if len(v["sources"]) > 1}
     f["flows_remapped"] = len(remapped)
     if remapped:
         f["remapped"] = dict(itertools.islice(remapped.items(), 5))
     png = plot(ctx, load, "CONT-3-nat", f"CONT-3 SIGKILL of NAT {load.event_result}", f)
-    ok = not remapped and f.get("tcp_broken", 0) == 0
-    return verdict(ok, f, f"{len(remapped)} flows changed external address:port, "
-                          f"{f.get('tcp_broken')} TCP connections broken", png)
+    ok = not remapped and f.get("tcp_broken", 0) == 0 and not problems
+    return verdict(ok, f, "; ".join([*problems, f"{len(remapped)} flows changed external address:port, "
+                                                f"{f.get('tcp_broken')} TCP connections broken"]), png)
 
 
 class EspCapture:
-    """Collect (SPI, sequence number) of every ESP packet the fabric sends to some NF ports.
+    """Collect every ESP packet the fabric hands to some NF instances, with (SPI, sequence number).
 
     Runs in the root namespace on the fabric-side ends of the given instances' links.
     """
 
     def __init__(self, lab: Any, instances: list[Any]) -> None:
+        self.instances = instances
         self.socks = []
         for inst in instances:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-            s.bind((f"s{lab.tag}-p{inst.member.port}", 0))
+            s.bind((lab.fabric.port_name(inst.member), 0))
             self.socks.append(s)
-        self.seen: list[tuple[int, int]] = []
-        self.frames: list[tuple[Any, bytes]] = []
+        self.captured: list[tuple[int, int, int, bytes]] = []  # (instance index, spi, seq, frame)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    @property
+    def seen(self) -> list[tuple[int, int]]:
+        return [(spi, seq) for _, spi, seq, _ in self.captured]
 
     def _run(self) -> None:
         from nfs import nsh
@@ -147,19 +173,42 @@ class EspCapture:
                 if inner[12:14] == b"\x08\x00" and inner[23] == 50:
                     ihl = (inner[14] & 0xF) * 4
                     spi, seq = struct.unpack_from("!II", inner, 14 + ihl)
-                    self.seen.append((spi, seq))
-                    self.frames.append((s, data))
+                    self.captured.append((self.socks.index(s), spi, seq, data))
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
-    def replay(self, count: int) -> int:
-        """Send ``count`` captured frames again toward their NF; return how many were sent."""
+    def replays(self, window: int, count: int) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
+        """Frames to replay, each toward the *other* instance than the one that got it.
+
+        Returns:
+            (inside the window: the newest numbers below the top, each seen once so far;
+            older than the window), each as ``(target instance index, frame)``.
+        """
+        if not self.captured or len(self.socks) < 1:
+            return [], []
+        top = max(seq for _, _, seq, _ in self.captured)
+        once: dict[tuple[int, int], int] = {}
+        for _, spi, seq, _ in self.captured:
+            once[(spi, seq)] = once.get((spi, seq), 0) + 1
+
+        def retarget(idx: int, frame: bytes) -> tuple[int, bytes]:
+            other = (idx + 1) % len(self.socks)
+            mac = bytes.fromhex(self.instances[other].member.mac.replace(":", ""))
+            return other, mac + frame[6:]
+
+        fresh = sorted((c for c in self.captured if c[2] < top and top - c[2] < window
+                        and once[(c[1], c[2])] == 1), key=lambda c: -c[2])[:count]
+        old = [c for c in self.captured if top - c[2] >= window][:count]
+        return ([retarget(i, f) for i, _, _, f in fresh], [retarget(i, f) for i, _, _, f in old])
+
+    def send(self, frames: list[tuple[int, bytes]]) -> int:
+        """Send frames toward the instances they name; return how many were sent."""
         sent = 0
-        for s, data in self.frames[:count]:
-            s.send(data)
-            sent += 1
+        for idx, data in frames:
+            if self.socks[idx].send(data) == len(data):
+                sent += 1
         return sent
 
     def close(self) -> None:
@@ -170,16 +219,20 @@ class EspCapture:
 @check("CONT-4")
 def cont_4(ctx: Context) -> Result:
     """No (SPI, sequence number) MUST appear twice on the wire across the failover of an IPsec
-    instance; a replayed packet MUST be dropped; packets after the failover MUST be accepted.
+    instance; a replayed packet MUST be dropped, also one inside the anti-replay window sent to
+    another instance; packets sent after the failover MUST be delivered.
 
     UDP flows run through the encrypting and the decrypting gateway pools; the busiest
-    encrypting instance is killed mid-run. Every ESP packet the fabric hands to the
-    decrypting pool is captured; then some captured packets are sent again (replays).
+    encrypting instance is killed mid-run. Every ESP packet the fabric hands to the decrypting
+    pool is captured; then captured packets are sent again, each to the other decrypting
+    instance than the one that got it: the newest numbers below the top of the window (seen
+    once), and numbers older than the window. Each replay must be dropped as ``replay`` by the
+    instance that got it; datagrams sent after the kill must reach the far site.
     """
     lab = ctx.lab
     ipsec = ctx.pools("ipsec")
     if not ipsec:
-        return Result(SKIP, details="the topology has no ipsec pool")
+        return Result(SKIP, details="the topology has no ipsec pool that traffic can be driven through")
     sc = ipsec[0][0]
     t = lab.topo.tenant(sc.tenant)
     chain = t.chain("outbound")
@@ -189,30 +242,55 @@ def cont_4(ctx: Context) -> Result:
         return Result(SKIP, details=f"tenant {sc.tenant} needs an encrypting and a decrypting ipsec pool "
                                     f"in its outbound chain")
     dec_instances = [i for i in lab.pool_instances(sc.tenant, dec.name) if i.in_pool]
+    if len(dec_instances) < 2:
+        return Result(SKIP, details=f"pool {sc.tenant}/{dec.name} needs two instances to replay across")
+    window = int(dec.config.get("replay_window", 64))
     cap = EspCapture(lab, dec_instances)
-    replay_before = sum(i.counters().get("drops", {}).get("replay", 0) for i in dec_instances)
+    problems: list[str] = []
     try:
         load = _kill_busiest(ctx, sc, enc, tcp=False, also_follow=(f"{sc.tenant}-{dec.name}-",))
-        time.sleep(0.3)
         cap.stop()
         f = load.figures()
-        f["killed"] = load.event_result
+        kill_proof(load, f, pool_label(sc, enc), problems)
         f["esp_packets"] = len(cap.seen)
         f["duplicate_spi_seq"] = len(cap.seen) - len(set(cap.seen))
-        f["replays_sent"] = cap.replay(10)
-        time.sleep(0.6)
-        counters = lab.settled_counters()
-        f["replays_dropped"] = sum(counters.get(i.id, {}).get("drops", {}).get("replay", 0)
-                                   for i in dec_instances) - replay_before
-        f["decrypted_after_failover"] = sum(load.timeline.carried(i.id, load.event_at + 0.5) for i in dec_instances)
+        fresh, old = cap.replays(window, 10)
+        before = [i.counters() for i in dec_instances]
+        f["replays_in_window_sent"] = cap.send(fresh)
+        f["replays_too_old_sent"] = cap.send(old)
+        sent = f["replays_in_window_sent"] + f["replays_too_old_sent"]
+
+        def drops_now() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for inst, b in zip(dec_instances, before):
+                for reason, n in inst.counters().get("drops", {}).items():
+                    if n - b.get("drops", {}).get(reason, 0):
+                        out[reason] = out.get(reason, 0) + n - b.get("drops", {}).get(reason, 0)
+            return out
+
+        deadline = time.monotonic() + 3.0
+        while sum(drops_now().values()) < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        f["replay_target_drops"] = drops_now()
+        f["replays_dropped"] = f["replay_target_drops"].get("replay", 0)
+        f["replay_window"] = window
+        f["delivered_after_failover"] = load.delivered_after(load.event_at)
     finally:
         cap.close()
     png = plot(ctx, load, "CONT-4-ipsec", f"CONT-4 SIGKILL of IPsec {load.event_result}", f)
-    ok = (f["esp_packets"] > 0 and f["duplicate_spi_seq"] == 0 and f["replays_dropped"] >= f["replays_sent"] > 0
-          and f["decrypted_after_failover"] > 0)
-    return verdict(ok, f, f"{f['duplicate_spi_seq']} (SPI, seq) pairs sent twice; {f['replays_dropped']} of "
-                          f"{f['replays_sent']} replays dropped; {f['decrypted_after_failover']} packets after failover",
-                   png)
+    if f["esp_packets"] == 0:
+        problems.append("no ESP packet reached the decrypting pool")
+    if f["duplicate_spi_seq"]:
+        problems.append(f"{f['duplicate_spi_seq']} (SPI, seq) pairs sent twice")
+    if f["replays_in_window_sent"] == 0:
+        problems.append("no packet inside the window could be replayed")
+    if f["replays_dropped"] < sent:
+        problems.append(f"{f['replays_dropped']} of {sent} replays dropped as replay "
+                        f"({f['replays_in_window_sent']} inside the window); drops by reason "
+                        f"{f['replay_target_drops']}")
+    if not f["delivered_after_failover"]:
+        problems.append("no datagram sent after the failover was delivered")
+    return verdict(not problems, f, "; ".join(problems), png)
 
 
 @check("CONT-5")
@@ -225,19 +303,27 @@ def cont_5(ctx: Context) -> Result:
     """
     found = _need(ctx, "lb")
     if not found:
-        return Result(SKIP, details="the topology has no lb pool")
+        return Result(SKIP, details="the topology has no lb pool that traffic can be driven through")
     sc, pool = found
     load = _kill_busiest(ctx, sc, pool, udp=False)
     f = load.figures()
-    f["killed"] = load.event_result
+    problems: list[str] = []
+    kill_proof(load, f, pool_label(sc, pool), problems)
     seen: dict[str, int] = {}
     for sink in load.tcp["sinks"]:
         for peer in set(sink["peers"]):
             seen[peer] = seen.get(peer, 0) + 1
+    clients = [r["local"] for r in load.tcp["sender"]["results"] if r.get("local")]
     f["backends"] = len(load.tcp["sinks"])
-    f["connections_seen_by_backends"] = len(seen)
-    f["connections_moved"] = sum(1 for n in seen.values() if n > 1)
+    f["connections_opened"] = len(clients)
+    f["connections_seen_by_backends"] = sum(1 for c in clients if seen.get(c, 0) >= 1)
+    f["connections_unseen"] = sum(1 for c in clients if seen.get(c, 0) == 0)
+    f["connections_moved"] = sum(1 for c in clients if seen.get(c, 0) > 1)
     png = plot(ctx, load, "CONT-5-lb", f"CONT-5 SIGKILL of LB {load.event_result}", f)
-    ok = f.get("tcp_broken", 0) == 0 and f["connections_moved"] == 0
-    return verdict(ok, f, f"{f.get('tcp_broken')} connections broken {f.get('tcp_errors', '')}, "
-                          f"{f['connections_moved']} moved to another backend", png)
+    if not clients:
+        problems.append("no connection was opened through the load balancer")
+    ok = (f.get("tcp_broken", 0) == 0 and f["connections_moved"] == 0 and f["connections_unseen"] == 0
+          and not problems)
+    return verdict(ok, f, "; ".join([*problems, f"{f.get('tcp_broken')} connections broken "
+                                     f"{f.get('tcp_errors', '')}, {f['connections_moved']} seen by more than "
+                                     f"one backend, {f['connections_unseen']} by none"]), png)

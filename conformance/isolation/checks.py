@@ -1,120 +1,292 @@
-"""Tenant isolation at the fabric: ISO-1 .. ISO-3."""
+"""Tenant isolation at the fabric: ISO-1 .. ISO-3.
+
+Every negative ("nothing crossed to another tenant") is paired with its positive ("the same
+probe, within the sender's own tenant, did arrive"), as ptf pairs ``verify_packets`` with
+``verify_no_other_packets``: a fabric that drops everything fails. A probe counts as sent only
+when the kernel took it (:class:`~statelab.traffic.Injector`).
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 from conformance.core import SKIP, Result, check, verdict
-from conformance.load import Context, _ports, _sports, scenarios
-from statelab.traffic import TcpStream, UdpStream, host_rx, quiet
+from conformance.load import Context, _ports, _sports, nothing_to_exercise, scenarios
+from statelab.traffic import Injector, TcpStream, UdpStream, host_rx, quiet
 
-# -- ISO: tenant isolation ------------------------------------------------------------------
+POSITIVE_TIMEOUT = 3.0   # s: by then the probe must have arrived within the sender's tenant
+NEGATIVE_TIMEOUT = 0.5   # s: after the positives arrived, how long another tenant is watched
+PROBE_KINDS = ("icmp", "udp", "tcp-syn", "arp", "broadcast")
+
+
+def tenant_rx(lab: Any, tenant: Any, counters: dict[str, dict[str, Any]], exclude: tuple[str, ...] = ()) -> int:
+    """Packets a tenant's hosts and NF instances have received (``exclude``: names left out)."""
+    hosts = sum(host_rx(lab, h.name) for h in tenant.hosts if h.name not in exclude)
+    nfs = sum(counters.get(i.id, {}).get("rx", 0) for i in lab.iter_instances()
+              if i.tenant.name == tenant.name and i.id not in exclude)
+    return hosts + nfs
+
+
+def raw_counters(lab: Any) -> dict[str, dict[str, Any]]:
+    return {i.id: i.counters() for i in lab.iter_instances()}
+
+
+def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` s passed; return whether it held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def paired_probe(lab: Any, injector: Injector, frames: list[bytes], expected: int, own: Any,
+                 others: list[Any], exclude: tuple[str, ...]) -> dict[str, Any]:
+    """Send ``frames``; the sender's tenant ``own`` must receive at least ``expected`` packets
+    within :data:`POSITIVE_TIMEOUT`, then the ``others`` nothing for :data:`NEGATIVE_TIMEOUT`.
+
+    Returns:
+        ``{"sent", "expected", "arrived", "leaked": {tenant: packets}}``.
+    """
+    counters = raw_counters(lab)
+    before_own = tenant_rx(lab, own, counters, exclude)
+    before = {t.name: tenant_rx(lab, t, counters) for t in others}
+    sent = injector.send(frames)
+    arrived = [0]
+
+    def own_arrived() -> bool:
+        arrived[0] = tenant_rx(lab, own, raw_counters(lab), exclude) - before_own
+        return arrived[0] >= expected
+
+    wait_until(own_arrived, POSITIVE_TIMEOUT)
+    time.sleep(NEGATIVE_TIMEOUT)
+    settled = lab.settled_counters()
+    leaked = {t.name: tenant_rx(lab, t, settled) - before[t.name] for t in others}
+    return {"sent": sent, "expected": expected, "arrived": arrived[0],
+            "leaked": {k: v for k, v in leaked.items() if v}}
+
+
+def probe_frame(kind: str, src: Any, src_mac: str, gw_mac: str, dst_ip: str) -> bytes:
+    """One isolation probe from host ``src`` (spec) toward ``dst_ip``."""
+    from scapy.compat import raw
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.l2 import ARP, Ether
+
+    ip = IP(src=str(src.ip.ip), dst=dst_ip)
+    if kind == "icmp":
+        return raw(Ether(src=src_mac, dst=gw_mac) / ip / ICMP(id=0x150, seq=1))
+    if kind == "udp":
+        return raw(Ether(src=src_mac, dst=gw_mac) / ip / UDP(sport=40009, dport=9) / b"iso-probe")
+    if kind == "tcp-syn":
+        return raw(Ether(src=src_mac, dst=gw_mac) / ip / TCP(sport=40022, dport=22, flags="S", seq=1))
+    if kind == "arp":
+        return raw(Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff") /
+                   ARP(op=1, hwsrc=src_mac, psrc=str(src.ip.ip), pdst=dst_ip))
+    if kind == "broadcast":
+        bcast = str(src.ip.network.broadcast_address)
+        return raw(Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff") / IP(src=str(src.ip.ip), dst=bcast) /
+                   UDP(sport=40009, dport=9) / b"iso-probe")
+    raise ValueError(kind)
+
+
+def _chain_of(tenant: Any, host: Any) -> tuple[str, ...]:
+    return tuple(tenant.chain("outbound" if host.zone == "inside" else "inbound"))
+
+
+def _arrives_within(kind: str, tenant: Any, sender: Any, dst_ip: str) -> bool:
+    """Whether a probe of ``kind`` toward ``dst_ip`` must arrive somewhere in the sender's own
+    tenant: at the first NF of its chain, or at one of its hosts."""
+    peers = [h for h in tenant.hosts if h.name != sender.name]
+    if kind in ("arp", "broadcast"):
+        return bool(peers) or bool(_chain_of(tenant, sender))
+    return bool(_chain_of(tenant, sender)) or any(str(h.ip.ip) == dst_ip for h in peers)
+
 
 @check("ISO-1")
 def iso_1(ctx: Context) -> Result:
     """Nothing sent by one tenant MUST be delivered to another tenant, even with identical
-    address spaces (ICMP, TCP, UDP, ARP and broadcast).
+    address spaces (ICMP, TCP, UDP, ARP and broadcast), while the same probes arrive within
+    the sender's own tenant.
 
-    Every tenant's first inside host sends ICMP echo, UDP, TCP SYNs, ARP requests and a subnet
-    broadcast to every address the other tenants use; the other tenants' hosts must receive
-    nothing (their interfaces' receive counters stay the same).
+    Every tenant's first host sends ICMP echo, UDP, TCP SYNs, ARP requests and a subnet
+    broadcast toward every address the other tenants use. Positive half: within
+    POSITIVE_TIMEOUT the sender's own tenant (its other hosts, or the first NF pool of its
+    chain) received at least as many packets as probes that must arrive there. Negative half:
+    for NEGATIVE_TIMEOUT after that, the other tenants' hosts and NF instances receive nothing.
     """
     lab, topo = ctx.lab, ctx.lab.topo
     if len(topo.tenants) < 2:
         return Result(SKIP, details="the topology has one tenant: nothing to isolate")
-    leaked: dict[str, int] = {}
-    probes = 0
+    from statelab.lab import gateway_mac
+
+    rounds: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
     overlapping = 0
-    for sender_t in topo.tenants:
-        sender = sender_t.hosts[0].name
-        others = [(t, h) for t in topo.tenants if t is not sender_t for h in t.hosts]
-        own_ips = {str(h.ip.ip) for h in sender_t.hosts}
-        overlapping += sum(1 for _, h in others if str(h.ip.ip) in own_ips)
-        quiet(lab, [h.name for _, h in others])
-        before = {h.name: host_rx(lab, h.name) for _, h in others}
-        node = lab.host(sender)
-        for _, h in others:
-            ip = str(h.ip.ip)
-            node.cmd(f"ping -c 1 -W 1 {ip}; ping -b -c 1 -W 1 {h.ip.network.broadcast_address}; "
-                     f"echo probe > /dev/udp/{ip}/9; timeout 1 bash -c 'echo > /dev/tcp/{ip}/22'; "
-                     f"ping -c 1 -W 1 {h.ip.network.network_address + 250}")
-            probes += 5
-        time.sleep(0.3)
-        for _, h in others:
-            delta = host_rx(lab, h.name) - before[h.name]
-            if delta:
-                leaked[f"{sender}->{h.name}"] = delta
-    figures = {"probes": probes, "overlapping_addresses": overlapping, "leaked_packets": sum(leaked.values()),
-               "leaks": leaked}
-    return verdict(not leaked, figures, f"frames crossed tenants: {leaked}")
+    for own in topo.tenants:
+        sender = own.hosts[0]
+        others = [t for t in topo.tenants if t is not own]
+        targets = sorted({str(h.ip.ip) for t in others for h in t.hosts})
+        own_ips = {str(h.ip.ip) for h in own.hosts}
+        overlapping += sum(1 for ip in targets if ip in own_ips)
+        quiet(lab, list(lab.hosts))
+        src_mac = lab.host(sender.name).MAC()
+        with Injector(lab, sender.name) as injector:
+            for kind in PROBE_KINDS:
+                frames = [probe_frame(kind, sender, src_mac, gateway_mac(own.id), ip) for ip in targets]
+                if kind == "broadcast":
+                    frames = frames[:1]
+                expected = sum(1 for ip in targets[:len(frames)] if _arrives_within(kind, own, sender, ip))
+                r = paired_probe(lab, injector, frames, expected, own, others, (sender.name,))
+                rounds[f"{sender.name}/{kind}"] = r
+                if r["sent"] != len(frames):
+                    problems.append(f"{sender.name}: only {r['sent']} of {len(frames)} {kind} probes were sent")
+                if r["arrived"] < r["expected"]:
+                    problems.append(f"{sender.name} {kind}: {r['arrived']} of {r['expected']} probes arrived "
+                                    f"within tenant {own.name} (the positive half failed)")
+                for t, n in r["leaked"].items():
+                    problems.append(f"{sender.name} {kind}: {n} packets reached tenant {t}")
+    figures = {"probes_sent": sum(r["sent"] for r in rounds.values()),
+               "probes_expected_within": sum(r["expected"] for r in rounds.values()),
+               "arrived_within_tenant": sum(r["arrived"] for r in rounds.values()),
+               "overlapping_addresses": overlapping,
+               "leaked_packets": sum(sum(r["leaked"].values()) for r in rounds.values()),
+               "positive_timeout_s": POSITIVE_TIMEOUT, "negative_timeout_s": NEGATIVE_TIMEOUT,
+               "leaks": {k: r["leaked"] for k, r in rounds.items() if r["leaked"]}, "rounds": rounds}
+    if figures["probes_expected_within"] == 0:
+        return Result(SKIP, figures, "no probe could be checked within its own tenant (no tenant has a "
+                                     "second host or a chain)")
+    return verdict(not problems, figures, "; ".join(problems))
 
 
-def _send_raw(node: Any, frames: list[bytes]) -> None:
-    """Send raw Ethernet frames from a lab node's data interface (scapy inside the node)."""
-    import sys
-    script = ("import sys; from scapy.all import sendp; "
-              "[sendp(bytes.fromhex(h), iface='eth0', verbose=False) for h in sys.argv[1:]]")
-    node.cmd(f"{sys.executable} -c \"{script}\" {' '.join(f.hex() for f in frames)}")
+def _nsh(spi: int, si: int, c1: int, inner: bytes, dst: str = "ff:ff:ff:ff:ff:ff", src: Optional[str] = None) -> bytes:
+    from scapy.compat import raw
+    from scapy.contrib.nsh import NSH
+    from scapy.layers.l2 import Ether
+
+    eth = Ether(dst=dst, type=0x894F) if src is None else Ether(dst=dst, src=src, type=0x894F)
+    return raw(eth / NSH(mdtype=1, nextproto=3, spi=spi, si=si, context_header=c1.to_bytes(4, "big") + bytes(12))
+               / inner)
+
+
+def _legit_return(lab: Any, inst: Any) -> Optional[tuple[int, int]]:
+    """(spi, si) with which instance ``inst`` may hand a packet back to the fabric."""
+    from statelab.fabric import FIRST_SI
+    for path, hop in lab.plan.positions(inst.key):
+        return path.spi, FIRST_SI - hop - 1
+    return None
 
 
 @check("ISO-2")
 def iso_2(ctx: Context) -> Result:
-    """Frames arriving with another tenant's tag or a forged NSH header MUST be dropped.
+    """Frames arriving with another tenant's tag or a forged NSH header MUST be dropped (and
+    counted by the fabric), while the same frame sent legitimately arrives within the sender's
+    tenant.
 
-    From one tenant's host: 802.1Q frames tagged with the other tenant's id, and NSH frames
-    claiming the other tenant's service path and context; from one tenant's NF instance: NSH
-    frames claiming the other tenant's path. The other tenant's hosts and NF instances must
-    receive none of them.
+    For every ordered pair of tenants (a, b): from a's host, 802.1Q frames tagged with b's id
+    and NSH frames claiming b's service paths and context; from one of a's NF instances, NSH
+    frames claiming b's paths. Negative half: b's hosts and NF instances receive none of them
+    and the fabric's drop counters grow by at least the number of forged frames. Positive half:
+    the untagged frame from a's host, and an NSH frame with the instance's own path, index and
+    tenant, arrive within a.
     """
     from scapy.compat import raw
-    from scapy.contrib.nsh import NSH
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Dot1Q, Ether
+
+    from statelab.lab import gateway_mac
 
     lab, topo = ctx.lab, ctx.lab.topo
     if len(topo.tenants) < 2:
         return Result(SKIP, details="the topology has one tenant: nothing to isolate")
-    a, b = topo.tenants[0], topo.tenants[1]
-    victim = b.hosts[-1]
-    inner = Ether(dst="ff:ff:ff:ff:ff:ff") / IP(src=str(b.hosts[0].ip.ip), dst=str(victim.ip.ip)) / UDP(dport=9)
-    forged_nsh = [raw(Ether(dst="ff:ff:ff:ff:ff:ff", type=0x894F) /
-                      NSH(mdtype=1, nextproto=3, spi=b.id << 1 | d, si=si,
-                          context_header=b.id.to_bytes(4, "big") + bytes(12)) / inner)
-                  for d in (0, 1) for si in (255, 254, 253)]
-    tagged = [raw(Ether(dst="ff:ff:ff:ff:ff:ff") / Dot1Q(vlan=b.id) / inner[IP]),
-              raw(Ether(dst=lab.hosts[victim.name].MAC()) / Dot1Q(vlan=b.id) / inner[IP])]
-    b_hosts = [h.name for h in b.hosts]
-    quiet(lab, b_hosts)
-    before_hosts = {h: host_rx(lab, h) for h in b_hosts}
-    before_nf = {i.id: i.counters().get("rx", 0) for i in lab.iter_instances() if i.tenant.name == b.name}
-    dropped = lab.fabric.dropped()
-    _send_raw(lab.host(a.hosts[0].name), tagged + forged_nsh)
-    sent = len(tagged) + len(forged_nsh)
-    a_nf = [i for i in lab.iter_instances() if i.tenant.name == a.name and i.alive()]
-    if a_nf:
-        _send_raw(a_nf[0].node, forged_nsh)
-        sent += len(forged_nsh)
-    time.sleep(0.5)
-    settled = lab.settled_counters()
-    host_leak = {h: host_rx(lab, h) - before_hosts[h] for h in b_hosts if host_rx(lab, h) != before_hosts[h]}
-    nf_leak = {i: settled.get(i, {}).get("rx", 0) - n for i, n in before_nf.items()
-               if settled.get(i, {}).get("rx", 0) != n}
-    figures = {"forged_frames": sent, "delivered_to_hosts": sum(host_leak.values()),
-               "delivered_to_nfs": sum(nf_leak.values()), "fabric_drops": lab.fabric.dropped() - dropped}
-    ok = not host_leak and not nf_leak
-    return verdict(ok, figures, f"forged frames reached tenant {b.name}: hosts {host_leak}, NFs {nf_leak}")
+    pairs: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for a in topo.tenants:
+        for b in topo.tenants:
+            if a is b:
+                continue
+            sender = a.hosts[0]
+            victim = b.hosts[-1]
+            src_mac = lab.host(sender.name).MAC()
+            inner = (Ether(src=src_mac, dst=gateway_mac(a.id)) /
+                     IP(src=str(sender.ip.ip), dst=str(victim.ip.ip)) / UDP(sport=40010, dport=9) / b"iso-2")
+            forged_host = [raw(Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff") / Dot1Q(vlan=b.id) / inner[IP]),
+                           raw(Ether(src=src_mac, dst=gateway_mac(b.id)) / Dot1Q(vlan=b.id) / inner[IP])]
+            forged_host += [_nsh(b.id << 1 | d, si, b.id, raw(inner), src=src_mac)
+                            for d in (0, 1) for si in (255, 254, 253)]
+            quiet(lab, list(lab.hosts))
+            rec: dict[str, Any] = {}
+            dropped = lab.fabric.dropped()
+            with Injector(lab, sender.name) as injector:  # the forged frames, then the legitimate one
+                r = paired_probe(lab, injector, forged_host + [raw(inner)],
+                                 1 if _arrives_within("udp", a, sender, str(victim.ip.ip)) else 0,
+                                 a, [b], (sender.name,))
+            rec["host"] = {"forged_sent": min(r["sent"], len(forged_host)), "leaked": r["leaked"],
+                           "legit_expected": r["expected"], "legit_arrived": r["arrived"]}
+            forged_sent = rec["host"]["forged_sent"]
+            a_nf = next((i for i in lab.iter_instances() if i.tenant.name == a.name and i.alive()
+                         and i.in_pool), None)
+            if a_nf is not None:
+                legit = _legit_return(lab, a_nf)
+                forged_nf = [_nsh(b.id << 1 | d, si, b.id, raw(inner)) for d in (0, 1) for si in (255, 254, 253)]
+                if legit is not None:  # a's own path and index, but b's tenant id
+                    forged_nf.append(_nsh(legit[0], legit[1], b.id, raw(inner)))
+                own_path = [_nsh(legit[0], legit[1], a.id, raw(inner))] if legit else []
+                with Injector(lab, a_nf.id) as injector:
+                    r = paired_probe(lab, injector, forged_nf + own_path, len(own_path), a, [b], (a_nf.id,))
+                rec["nf"] = {"instance": a_nf.id, "forged_sent": min(r["sent"], len(forged_nf)),
+                             "leaked": r["leaked"], "legit_expected": r["expected"], "legit_arrived": r["arrived"]}
+                forged_sent += rec["nf"]["forged_sent"]
+            drops = [0]
+
+            def counted() -> bool:
+                drops[0] = lab.fabric.dropped() - dropped
+                return drops[0] >= forged_sent
+
+            wait_until(counted, POSITIVE_TIMEOUT)
+            rec["forged_sent"], rec["fabric_drops"] = forged_sent, drops[0]
+            label = f"{a.name}->{b.name}"
+            pairs[label] = rec
+            for where in ("host", "nf"):
+                r = rec.get(where)
+                if r is None:
+                    continue
+                for t, n in r["leaked"].items():
+                    problems.append(f"{label}: {n} forged frames from a{' n NF' if where == 'nf' else ''} "
+                                    f"{where} port reached tenant {t}")
+                if r["legit_arrived"] < r["legit_expected"]:
+                    problems.append(f"{label}: the legitimate frame from the {where} port did not arrive "
+                                    f"within {a.name} (the positive half failed)")
+            if drops[0] < forged_sent:
+                problems.append(f"{label}: the fabric counted {drops[0]} drops for {forged_sent} forged frames")
+    figures = {"tenant_pairs": len(pairs),
+               "forged_frames": sum(r["forged_sent"] for r in pairs.values()),
+               "fabric_drops": sum(r["fabric_drops"] for r in pairs.values()),
+               "delivered_to_other_tenant": sum(sum(r[w]["leaked"].values()) for r in pairs.values()
+                                                for w in ("host", "nf") if w in r),
+               "legit_arrived": sum(r[w]["legit_arrived"] for r in pairs.values() for w in ("host", "nf") if w in r),
+               "legit_expected": sum(r[w]["legit_expected"] for r in pairs.values() for w in ("host", "nf") if w in r),
+               "pairs": pairs}
+    return verdict(not problems, figures, "; ".join(problems))
 
 
 @check("ISO-3")
 def iso_3(ctx: Context) -> Result:
     """An NF instance MUST receive only the tenants its pool serves.
 
-    Traffic runs in every tenant; afterwards every instance's per-tenant receive counters
-    (the tenant id in the NSH context header) must name only its own tenant.
+    Traffic runs in every tenant that has a chain to drive; afterwards every instance's
+    per-tenant receive counters (the tenant id in the NSH context header) must name only its
+    own tenant, and every pool the traffic was driven through must have received it.
     """
     lab = ctx.lab
-    for sc in scenarios(lab.topo):
+    driven = scenarios(lab.topo)
+    pairs = ctx.pools()
+    if not pairs:
+        return nothing_to_exercise(ctx)
+    before = {i.id: i.counters().get("rx_by_tenant", {}).get(str(i.tenant.id), 0) for i in lab.iter_instances()}
+    for sc in driven:
         port = next(_ports)
         if sc.udp:
             UdpStream(lab, sc.client, sc.servers[0], sc.dst_ip, flows=16, rate=400, packets=3, port=port,
@@ -123,15 +295,21 @@ def iso_3(ctx: Context) -> Result:
                   port=sc.tcp_port or port + 1, sinks=sc.servers, sink_port=sc.server_port).result()
     foreign: dict[str, dict[str, int]] = {}
     counters = lab.settled_counters()
-    checked = 0
+    own_packets: dict[str, int] = {}
     for inst in lab.iter_instances():
         by_tenant = counters.get(inst.id, {}).get("rx_by_tenant", {})
-        checked += 1
         wrong = {t: n for t, n in by_tenant.items() if int(t) != inst.tenant.id}
         if wrong:
             foreign[inst.id] = wrong
-    figures = {"instances": checked, "instances_with_foreign_traffic": len(foreign),
+        label = f"{inst.tenant.name}/{inst.pool.name}"
+        own_packets[label] = (own_packets.get(label, 0) + by_tenant.get(str(inst.tenant.id), 0)
+                              - before.get(inst.id, 0))
+    idle = [f"{sc.tenant}/{p.name}" for sc, p in pairs if own_packets.get(f"{sc.tenant}/{p.name}", 0) <= 0]
+    figures = {"instances": len(counters), "pools_driven": len(pairs),
+               "pools_without_traffic": idle, "own_tenant_packets": sum(own_packets.values()),
+               "instances_with_foreign_traffic": len(foreign),
                "foreign_packets": sum(sum(w.values()) for w in foreign.values()), "foreign": foreign}
-    return verdict(not foreign, figures, f"instances received other tenants' packets: {foreign}")
-
-
+    problems = [f"instances received other tenants' packets: {foreign}"] if foreign else []
+    if idle:
+        problems.append(f"traffic could not be driven through pools {idle}")
+    return verdict(not problems, figures, "; ".join(problems))

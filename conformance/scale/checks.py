@@ -6,7 +6,9 @@ import time
 from typing import Any
 
 from conformance.core import Result, check, verdict
-from conformance.load import Context, collect, first_packet_ms, pool_label, pool_outcome, under_load
+from conformance.load import (Context, collect, first_packet_ms, nothing_to_exercise, pool_label,
+                              pool_outcome, under_load)
+
 
 @check("SCALE-1")
 def scale_1(ctx: Context) -> Result:
@@ -15,14 +17,18 @@ def scale_1(ctx: Context) -> Result:
 
     For each pool of each tenant's chains: UDP flows and echo-verified TCP connections run
     through the chain; an instance is added mid-run. Per flow 0 lost and 0 duplicated, no TCP
-    connection reset or stalled, the new instance received packets; reaction time (from the
-    scale-out call until the new instance's first packet) recorded.
+    connection reset or stalled, the new instance received packets. Reaction time: from the
+    scale-out call until the first counter sample (every 0.2 s) that shows the new instance
+    received a packet; it must exist (the instance got traffic) and is recorded.
     """
     lab = ctx.lab
     per_pool: dict[str, dict[str, Any]] = {}
     problems = []
     first_png = None
-    for sc, pool in ctx.pools():
+    pairs = ctx.pools()
+    if not pairs:
+        return nothing_to_exercise(ctx)
+    for sc, pool in pairs:
         t0 = time.time()
         load = under_load(ctx, sc, lambda: lab.control.scale_out(sc.tenant, pool.name)[0],
                           [f"{sc.tenant}-{pool.name}-"])
@@ -34,11 +40,15 @@ def scale_1(ctx: Context) -> Result:
         f["reaction_ms"] = first_packet_ms(load.timeline, new.id, load.event_at)
         png = pool_outcome(ctx, "SCALE-1", "scale-out", sc, pool, load, f, per_pool, problems)
         first_png = first_png or png
-        if not f["new_instance_packets"]:
+        if not f["new_instance_packets"] or f["reaction_ms"] is None:
             problems.append(f"{pool_label(sc, pool)}: the new instance {new.id} carried no packet")
         lab.control.scale_in(sc.tenant, pool.name)  # back to the topology's size
         f["seconds"] = round(time.time() - t0, 1)
-    figures = collect(per_pool, ("udp_lost", "udp_duplicates", "tcp_broken"))
+    figures = collect(per_pool, ("udp_lost", "udp_duplicates", "tcp_broken", "pool_packets"))
+    figures["pools_exercised"] = len(per_pool)
+    figures["reaction_ms_max"] = max((p["reaction_ms"] or 0.0 for p in per_pool.values()), default=None)
+    figures["reaction_ms_definition"] = ("scale_out() call until the first 0.2 s counter sample showing "
+                                         "the new instance received a packet")
     return verdict(not problems, figures, "; ".join(problems), first_png)
 
 
@@ -48,22 +58,35 @@ def scale_2(ctx: Context) -> Result:
 
     For each pool: an instance is added first; then, under load, it is taken out of the pool,
     drained and stopped (SIGTERM, exit 0). Per flow 0 lost and 0 duplicated, no TCP connection
-    reset or stalled.
+    reset or stalled. Drain time: from taking the instance out of the pool until its process
+    exited, recorded.
     """
     lab = ctx.lab
     per_pool: dict[str, dict[str, Any]] = {}
     problems = []
     first_png = None
-    for sc, pool in ctx.pools():
+    pairs = ctx.pools()
+    if not pairs:
+        return nothing_to_exercise(ctx)
+    for sc, pool in pairs:
         lab.control.scale_out(sc.tenant, pool.name)
         load = under_load(ctx, sc, lambda: lab.control.scale_in(sc.tenant, pool.name)[0],
                           [f"{sc.tenant}-{pool.name}-"])
         f = load.figures()
         f["removed_instance"] = load.event_result
-        f["drain_ms"] = round((time.time() - load.event_at) * 1000, 1)
+        removed = load.event_result
+        times = {what: at for at, what, iid in load.timeline.events if iid == removed}
+        f["drain_ms"] = (round((times["stopped"] - times["scale-in"]) * 1000, 1)
+                         if "stopped" in times and "scale-in" in times else None)
+        f["removed_instance_rate_before"] = load.rate_before(removed)
+        if f["removed_instance_rate_before"] <= 0:
+            problems.append(f"{pool_label(sc, pool)}: the drained instance {removed} carried no traffic "
+                            f"before it was taken out, so the drain proved nothing")
         png = pool_outcome(ctx, "SCALE-2", "scale-in (drain)", sc, pool, load, f, per_pool, problems)
         first_png = first_png or png
-    figures = collect(per_pool, ("udp_lost", "udp_duplicates", "tcp_broken"))
+    figures = collect(per_pool, ("udp_lost", "udp_duplicates", "tcp_broken", "pool_packets"))
+    figures["pools_exercised"] = len(per_pool)
+    figures["drain_ms_max"] = max((p["drain_ms"] or 0.0 for p in per_pool.values()), default=None)
     return verdict(not problems, figures, "; ".join(problems), first_png)
 
 

@@ -96,6 +96,10 @@ class Fabric:
             if shutil.which(binary) is None:
                 raise MissingDependency(binary, cls.package)
 
+    def port_name(self, member: Member) -> str:
+        """The switch-side interface name of a pool member's link (root namespace)."""
+        return f"{self.name}-p{member.port}"
+
     def program(self, plan: SteeringPlan) -> None:
         """Install the whole plan, replacing whatever the switch held."""
         raise NotImplementedError
