@@ -14,7 +14,7 @@ fi
 top=$(cd "$(dirname "$0")/.." && pwd)
 venv="$top/.venv"
 
-packages="mininet openvswitch-switch redis-server iproute2 iputils-ping tcpdump iperf3 ethtool
+packages="mininet openvswitch-switch redis-server iproute2 iputils-ping tcpdump iperf3 ethtool nftables conntrack
           net-tools procps python3 python3-venv python3-pip"
 missing=""
 for p in $packages; do
