@@ -12,6 +12,12 @@ directed broadcast of a connected network, or a packet whose source is not one h
 (RFC 1812 §4.3.3.6) and forwards nothing else addressed to it, nor limited broadcast or
 multicast (§5.3.5; it does no multicast routing), nor packets from martian sources (§5.3.7).
 
+The router checks the IPv4 header (RFC 1812 §4.2.2.5: its checksum too) but not the TCP, UDP
+or ICMP checksum of a packet it forwards: that checksum is end to end, between the hosts, and
+a router neither checks nor changes it (the TTL decrement rewrites only the header checksum).
+A transit packet with a bad transport checksum is forwarded as it came; one addressed to the
+router itself (an echo request) is dropped as ``bad_l4_checksum`` (RFC 1122 §3.2.2).
+
 The router keeps no per-flow state, so it never talks to the state server: every instance of
 a pool routes every packet the same way, and a killed instance loses nothing.
 
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from nfs import nsh
-from nfs.nsh import Malformed
+from nfs.nsh import ETH_HLEN, Malformed
 from nfs.packet import (ETH_P_IP, IPV4_PATTERN, MAC_PATTERN, PROTO_ICMP, Packet, build_icmp, build_ipv4,
                         parse)
 from nfs.runtime import Drop, NetworkFunction, Reply, Verdict, main
@@ -208,17 +214,20 @@ class Router(NetworkFunction):
         Returns:
             The frame to send (the forwarded packet, or an ICMP message to the sender), or a Drop.
         """
+        transport_sum_ok = True
         try:
             pkt = parse(frame)
         except Malformed as err:
-            return Drop(err.reason)
+            if err.reason != "bad_l4_checksum":
+                return Drop(err.reason)
+            pkt, transport_sum_ok = _with_bad_transport_checksum(frame), False
         if pkt.ip is None:
             return Drop("not_ipv4")
         src, dst = _addr(pkt, 12), _addr(pkt, 16)
         if _not_one_host(src):
             return Drop("martian_source")
         if dst == self._address:
-            return self._local(pkt)
+            return self._local(pkt) if transport_sum_ok else Drop("bad_l4_checksum")
         if dst >> 28 == 0xE or dst == 0xFFFFFFFF:
             return Drop("not_unicast")
         route = self.table.lookup(dst)
@@ -261,6 +270,16 @@ class Router(NetworkFunction):
         the reverse chain (so NATs and firewalls before the router see it as a reply)."""
         ip = build_ipv4(str(self.address), pkt.src, PROTO_ICMP, icmp, ttl=ICMP_TTL)
         return Reply(pkt.eth_src + self.mac + struct.pack("!H", ETH_P_IP) + ip)
+
+
+def _with_bad_transport_checksum(frame: bytes) -> Packet:
+    """The view of a frame that :func:`nfs.packet.parse` refused only for its TCP/UDP/ICMP
+    checksum: its last check, so the IPv4 header, lengths and data offset are sound, and the
+    packet is not a fragment (fragments' transport checksums are not checked)."""
+    buf = bytearray(frame)
+    ihl = (buf[ETH_HLEN] & 0xF) * 4
+    total = int.from_bytes(buf[ETH_HLEN + 2:ETH_HLEN + 4], "big")
+    return Packet(buf, ETH_P_IP, ETH_HLEN, ihl, ETH_HLEN + ihl, buf[ETH_HLEN + 9], ETH_HLEN + total)
 
 
 def _addr(pkt: Packet, offset: int) -> int:

@@ -246,7 +246,6 @@ BAD = {
     "bad_ip_header_length": raw(Ether(src=HOST_MAC) / IP(ihl=15, dst="10.1.2.3") / UDP())[:40],
     "bad_ip_total_length": raw(Ether(src=HOST_MAC) / IP(len=400, dst="10.1.2.3") / UDP()),
     "bad_ip_checksum": _bad_checksum(GOOD, 24),
-    "bad_l4_checksum": _bad_checksum(GOOD, 14 + 20 + 16),
     "truncated_tcp": raw(Ether(src=HOST_MAC) / IP(dst="10.1.2.3", proto=6) / b"\x00\x01\x00\x02"),
     "bad_tcp_offset": raw(Ether(src=HOST_MAC) / IP(dst="10.1.2.3") / TCP(dataofs=15)),
 }
@@ -256,6 +255,23 @@ BAD = {
 def test_malformed_packets_are_dropped_with_their_reason(router, reason) -> None:
     out = router.process([nsh.NshFrame(b"", b"", 2, 255, 1, BAD[reason])])
     assert out == [Drop(reason)]
+
+
+@pytest.mark.parametrize("l4, at", [(TCP(sport=40000, dport=80, flags="PA") / b"data", 16),
+                                    (UDP(sport=4000, dport=53) / b"query", 6),
+                                    (ICMP(type=8, id=7) / b"ping", 2)], ids=["tcp", "udp", "icmp"])
+def test_transit_packets_with_bad_transport_checksums_are_forwarded(router, l4, at) -> None:
+    """RFC 1812: the router checks the IP header, not the end-to-end checksum: forwarded as it
+    came (TTL - 1, header checksum recomputed, the bad transport checksum left alone)."""
+    bad = Ether(_bad_checksum(frame("10.1.2.3", l4), 14 + 20 + at))
+    assert route(router, bad) == forwarded(bad, NH3_MAC)
+    expired = Ether(_bad_checksum(frame("10.1.9.9", l4, ttl=1), 14 + 20 + at))
+    assert route(router, expired) == icmp_from_router(expired, 11, 0)  # still told, quoting it
+
+
+def test_bad_checksum_to_the_router_itself_is_dropped(router) -> None:
+    ping = Ether(_bad_checksum(frame(ROUTER_IP, ICMP(type=8, id=7) / b"ping"), 14 + 20 + 2))
+    assert route(router, ping) == Drop("bad_l4_checksum")  # RFC 1122 §3.2.2: silently discarded
 
 
 def test_fuzzed_packets_never_raise(router) -> None:
@@ -300,8 +316,11 @@ def test_process_survives_garbage_and_fuzz_and_still_routes(nf_process) -> None:
     good = frame("10.1.2.3", UDP(sport=1, dport=2) / b"after the storm")
     reply = nf.exchange(raw(good))
     assert reply is not None and reply.inner == forwarded(good, NH3_MAC)
+    bad_sum = Ether(_bad_checksum(good, 14 + 20 + 6))
+    reply = nf.exchange(raw(bad_sum))
+    assert reply is not None and reply.inner == forwarded(bad_sum, NH3_MAC)
     c = nf.counters()
-    assert c["rx"] == len(frames) + 1
+    assert c["rx"] == len(frames) + 2
     assert c["dropped"] + c["tx"] == c["rx"]
     assert "nf_error" not in c["drops"]
     for reason in BAD:
