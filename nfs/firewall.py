@@ -54,11 +54,11 @@ State operations
     One pipelined round trip reads every key a batch touches (GET + PTTL); the packets of each
     connection are then run in arrival order over that view, and one more round trip writes
     the changes with the ``cas`` script (compare-and-set on the value read) or deletes the
-    entry with the ``cad`` script (compare-and-delete, :data:`CAD`). A lost compare-and-set or
-    compare-and-delete means another instance changed the connection in between: its packets
-    are re-read and re-run (at most :data:`CAS_TRIES` times, then dropped as
-    ``state_contention``), so instances handling one connection at once agree as if they had
-    taken turns. Packets that need no state (ARP, fragments, rule-only ICMP, parse errors)
+    entry with the ``cad`` script (compare-and-delete, :data:`nfs.state.CAD`). A lost
+    compare-and-set or compare-and-delete means another instance changed the connection in
+    between: its packets are re-read and re-run (at most :data:`CAS_TRIES` times, then dropped
+    as ``state_contention``), so instances handling one connection at once agree as if they
+    had taken turns. Packets that need no state (ARP, fragments, rule-only ICMP, parse errors)
     never cost a state operation.
 
 Non-IPv4 frames pass (``allow_non_ip``); non-first IPv4 fragments carry no ports and are
@@ -82,7 +82,7 @@ from nfs import nsh, packet, tcptrack
 from nfs.nsh import Malformed
 from nfs.packet import PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 from nfs.runtime import Drop, NetworkFunction, Verdict, main
-from nfs.state import SCRIPTS, Batch, LocalState, Ref, Script
+from nfs.state import Batch, Ref
 from nfs.tcptrack import ORIGINAL, REPLY, Segment, TcpConn
 
 OUTBOUND, INBOUND = 0, 1
@@ -294,30 +294,6 @@ class Conn:
 
 
 _OTHER_STATES = frozenset({"UDP", "UDP_STREAM", "ICMP", "OTHER"})
-
-
-def _cad_local(store: LocalState, keys: Sequence[str], args: Sequence[Any]) -> int:
-    key, = keys
-    if store._get(key) != args[0]:
-        return 0
-    del store.store[key]
-    return 1
-
-
-CAD = Script(
-    # KEYS[1]; ARGV[1]: the value read. Deletes the key only if it still holds that value
-    # (compare-and-delete: a RST must not delete what another instance wrote since). Returns 1 or 0.
-    lua="""
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-""",
-    local=_cad_local,
-)
-# The state client knows its scripts by name; the firewall brings this one (registered before
-# any state client of the firewall exists, since it opens its client on first use).
-SCRIPTS.setdefault("cad", CAD)
 
 
 @dataclass(frozen=True)

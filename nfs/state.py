@@ -93,6 +93,28 @@ return 1
 )
 
 
+def _cad_local(store: "LocalState", keys: Sequence[str], args: Sequence[Any]) -> int:
+    key, = keys
+    if store._get(key) != _b(args[0]):
+        return 0
+    del store.store[key]
+    return 1
+
+
+CAD = Script(
+    # KEYS[1]; ARGV[1]: the value read. Deletes the key only if it still holds that value
+    # (compare-and-delete: the firewall's RST must not delete what another instance wrote
+    # since it read). Returns 1 or 0.
+    lua="""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+""",
+    local=_cad_local,
+)
+
+
 def _replay_local(store: "LocalState", keys: Sequence[str], args: Sequence[Any]) -> int:
     key, = keys
     seq, window = int(args[0]), int(args[1])
@@ -149,7 +171,7 @@ return 1
     local=_replay_local,
 )
 
-SCRIPTS = {"cas": CAS, "replay": REPLAY}
+SCRIPTS = {"cas": CAS, "cad": CAD, "replay": REPLAY}
 
 
 def _b(v: Any) -> bytes:
