@@ -104,10 +104,13 @@ def topology_path(pytestconfig: pytest.Config) -> Path:
 @pytest.fixture(scope="session")
 def target(pytestconfig: pytest.Config) -> str:
     """The fabric kind under test; a target without a driver here is skipped with the reason."""
-    from statelab.fabric import FABRIC_DRIVERS
+    from statelab.errors import LabError
+    from statelab.fabric import fabric_class
     kind = pytestconfig.getoption("--target")
-    if kind not in FABRIC_DRIVERS:
-        pytest.skip(f"target {kind!r} has no fabric driver in this version of statelab")
+    try:
+        fabric_class(kind).setup()
+    except LabError as err:
+        pytest.skip(f"target {kind!r}: {err}")
     return kind
 
 

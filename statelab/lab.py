@@ -143,6 +143,8 @@ class Lab:
         self.net: Any = None
         self.fabric: Any = None
         self.hosts: dict[str, Any] = {}
+        self.trunks: dict[str, Any] = {}  # trunk name -> its site switch (Mininet OVSSwitch)
+        self._access_vlans: dict[str, int] = {}
         self.instances: dict[str, Instance] = {}
         self.plan: Optional[SteeringPlan] = None
         self.state_node: Any = None
@@ -187,13 +189,13 @@ class Lab:
         from mininet.log import setLogLevel
         from mininet.net import Mininet
         setLogLevel("warning")
-        self._ensure_ovs()
+        fabric_cls = fabric_class(self.topo.fabric_kind)
+        fabric_cls.prepare(self.record, self.progress)
         self._check_management_subnet()
         self.progress(f"building lab {self.topo.name!r} ({len(self.topo.tenants)} tenants)")
         self.net = Mininet(topo=None, controller=None, build=False, autoSetMacs=False)
-        fabric_cls = fabric_class(self.topo.fabric_kind)
         self.fabric = self.net.addSwitch(f"s{self.tag}", cls=fabric_cls, dpid=f"{int(self.tag, 16):016x}")
-        self.record.ovs_bridges.append(self.fabric.name)
+        self.fabric.bind(self.record, self.run_dir)
         self.record.add_process(self.fabric.pid, f"mininet shell of switch {self.fabric.name}")
         host_ports = self._add_hosts()
         self._add_management_bridge()
@@ -210,6 +212,7 @@ class Lab:
                 self._default_route(node, tenant, h)
         self.net.built = True  # nodes and links are built above; Mininet only starts the switch
         self.net.start()
+        self._tag_trunk_ports()
         self.plan = self._plan(host_ports)
         self.fabric.program(self.plan)
         self.progress("waiting for NF instances")
@@ -255,9 +258,7 @@ class Lab:
                 left = self.record.leftovers()
                 if left:
                     raise LabError("teardown left behind: " + ", ".join(left))
-                if self.record.ovs_started:
-                    from statelab.fabric.ovs import stop_ovs
-                    stop_ovs()
+                fabric_class(self.topo.fabric_kind).release(self.record)
                 shutil.rmtree(self.run_dir, ignore_errors=True)
         finally:
             if in_main:
@@ -284,16 +285,6 @@ class Lab:
         self.record = Record(lab=self.topo.name, owner=me, owner_start=proc_start_time(me),
                              run_dir=str(self.run_dir))
         self.record.save()
-
-    def _ensure_ovs(self) -> None:
-        if self.topo.fabric_kind != "ovs":
-            return
-        from statelab.fabric.ovs import ovs_running, start_ovs
-        if not ovs_running():
-            self.progress("starting Open vSwitch")
-            start_ovs()
-            self.record.ovs_started = True
-            self.record.save()
 
     def _check_management_subnet(self) -> None:
         """Use the topology's management subnet; if it is the default and another lab (or
@@ -329,7 +320,7 @@ class Lab:
 
         NF links get ``mtu`` = :data:`NF_MTU`, room for a full inner frame plus NSH.
         """
-        sw_intf = f"s{self.tag}-p{port}"
+        sw_intf = self.fabric.port_name(Member("", port, mac))
         self.record.add_interface(sw_intf)
         self.net.addLink(node, self.fabric, port2=port, intfName1=DATA_IF, intfName2=sw_intf,
                          addr1=mac)
@@ -345,18 +336,68 @@ class Lab:
         subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], capture_output=True)
 
     def _add_hosts(self) -> list[HostPort]:
+        """Tenant hosts, each on an access port of its own or behind its trunk (one fabric port
+        per trunk, one VLAN per host on it)."""
         ports = []
         port = 1
+        trunk_ports: dict[str, int] = {}
         for tenant in self.topo.tenants:
             for i, h in enumerate(tenant.hosts, 1):
                 mac = h.mac or f"02:00:{tenant.id >> 8:02x}:{tenant.id & 0xff:02x}:00:{i:02x}"
                 node = self._add_node(h.name, ip=str(h.ip), mac=mac)
-                self._link(node, port, mac)
+                if h.trunk is None:
+                    self._link(node, port, mac)
+                    at, port = port, port + 1
+                else:
+                    if h.trunk not in trunk_ports:
+                        trunk_ports[h.trunk], port = port, port + 1
+                        self._add_trunk(h.trunk, trunk_ports[h.trunk])
+                    at = trunk_ports[h.trunk]
+                    self._behind_trunk(node, mac, h)
                 self.hosts[h.name] = node
-                ports.append(HostPort(tenant.id, port, mac, spi_of(tenant.id, DIRECTIONS[
-                    "outbound" if h.zone == "inside" else "inbound"]), str(h.ip.ip)))
-                port += 1
+                ports.append(HostPort(tenant.id, at, mac, spi_of(tenant.id, DIRECTIONS[
+                    "outbound" if h.zone == "inside" else "inbound"]), str(h.ip.ip), h.vlan))
         return ports
+
+    def _add_trunk(self, name: str, port: int) -> None:
+        """A site switch for trunk ``name``: a standalone Open vSwitch bridge (this kernel has no
+        802.1Q or VLAN-filtering bridge) whose uplink, carrying every VLAN tagged, is fabric
+        port ``port``; each host behind it gets an access port in its VLAN."""
+        from mininet.node import OVSSwitch
+
+        from statelab.fabric.ovs import OvsFabric
+        OvsFabric.prepare(self.record, self.progress)
+        bridge = f"t{self.tag}{len(self.trunks)}"
+        self.record.ovs_bridges.append(bridge)
+        self.record.save()
+        sw = self.net.addSwitch(bridge, cls=OVSSwitch, datapath="user", failMode="standalone",
+                                inband=False, dpid=f"{int(self.tag, 16) << 8 | len(self.trunks) + 1:016x}")
+        self.record.add_process(sw.pid, f"mininet shell of trunk switch {bridge} ({name})")
+        uplink = f"{bridge}-up"
+        self.record.add_interface(uplink)
+        sw_intf = self.fabric.port_name(Member("", port, ""))
+        self.record.add_interface(sw_intf)
+        self.net.addLink(sw, self.fabric, port2=port, intfName1=uplink, intfName2=sw_intf)
+        for intf in (uplink, sw_intf):
+            self._tune_root_intf(intf)
+        self.trunks[name] = sw
+
+    def _behind_trunk(self, node: Any, mac: str, host: "specmod.Host") -> None:
+        """Link a host to an access port of its trunk's switch, in the host's VLAN."""
+        sw = self.trunks[host.trunk]
+        access = f"{sw.name}h{len(sw.intfs)}"
+        self.record.add_interface(access)
+        self.net.addLink(node, sw, intfName1=DATA_IF, intfName2=access, addr1=mac)
+        self._tune_root_intf(access)
+        node.cmd(f"ethtool -K {DATA_IF} tx off >/dev/null 2>&1")
+        self._access_vlans[access] = host.vlan
+
+    def _tag_trunk_ports(self) -> None:
+        """Once the trunk switches run: each host's access port in its VLAN."""
+        for access, vlan in self._access_vlans.items():
+            proc = subprocess.run(["ovs-vsctl", "set", "Port", access, f"tag={vlan}"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise LabError(f"trunk access port {access}: VLAN {vlan}: {proc.stderr.strip()}")
 
     def _default_route(self, node: Any, tenant: "specmod.Tenant", host: "specmod.Host") -> None:
         """Route everything off the host's subnet (NAT public addresses, VIPs, remote sites) into
@@ -369,16 +410,12 @@ class Lab:
                  f"ip route replace default via {gateway} dev {DATA_IF}")
 
     def _plan(self, host_ports: list[HostPort]) -> SteeringPlan:
-        paths, groups = [], {}
-        for tenant in self.topo.tenants:
-            for pool in tenant.pools:
-                groups[(tenant.id, pool.name)] = len(groups) + 1
-            for direction, d in DIRECTIONS.items():
-                paths.append(ServicePath(tenant.id, spi_of(tenant.id, d), tuple(getattr(tenant, direction))))
+        paths = [ServicePath(tenant.id, spi_of(tenant.id, d), tuple(getattr(tenant, direction)))
+                 for tenant in self.topo.tenants for direction, d in DIRECTIONS.items()]
         members: dict[PoolKey, list[Member]] = {}
         for inst in self.instances.values():
             members.setdefault(inst.key, []).append(inst.member)
-        return SteeringPlan(tuple(host_ports), tuple(paths), groups, members)
+        return SteeringPlan(tuple(host_ports), tuple(paths), {k: tuple(v) for k, v in members.items()})
 
     # -- management network and state server --------------------------------------------
 
@@ -645,10 +682,10 @@ class Lab:
         self._next_port += 1
         mac = f"02:4e:46:00:{port >> 8:02x}:{port & 0xff:02x}"
         node = self._add_node(iid, ip=None)
-        sw_intf = self._link(node, port, mac, NF_MTU)
+        self._link(node, port, mac, NF_MTU)
         node.cmd(f"ip link set {DATA_IF} up")
         if attach:
-            self.fabric.add_port(sw_intf, port)
+            self.fabric.attach(self.fabric.intfs[port])
         mgmt_ip = self._mgmt_ip(self._next_mgmt)
         self._next_mgmt += 1
         self._join_management(node, mgmt_ip)
@@ -698,8 +735,9 @@ class Lab:
         if inst.alive():
             inst.proc.kill()
         inst.proc.wait()
-        sw_intf = f"s{self.tag}-p{inst.member.port}"
-        self.fabric.del_port(sw_intf)
+        sw_intf = self.fabric.port_name(inst.member)
+        if inst.member.port in self.fabric.intfs:
+            self.fabric.detach(self.fabric.intfs[inst.member.port])
         for intf in list(inst.node.intfList()):
             link = getattr(intf, "link", None)
             if link is not None:
@@ -724,6 +762,10 @@ class Lab:
             return self.hosts[name]
         except KeyError:
             raise LabError(f"no host {name!r}; hosts: {', '.join(self.hosts)}") from None
+
+    def trunk_uplink(self, trunk: str) -> str:
+        """The root-namespace interface of a trunk switch's uplink (the trunk's fabric port peer)."""
+        return f"{self.trunks[trunk].name}-up"
 
     def pool_instances(self, tenant: str, pool: str) -> list[Instance]:
         """The instances of one pool (alive or not), oldest first."""

@@ -71,6 +71,8 @@ class Host:
     zone: str
     mac: str | None
     line: int
+    trunk: str | None = None
+    vlan: int | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,11 @@ _FIELDS = {  # role of a value -> (what it must be, what to write)
         "an IPv4 address with its prefix length",
         "write an IPv4 address with its prefix length, e.g. 10.0.0.1/24",
     ),
+    "tenants.*.hosts.*.trunk": (
+        "a trunk name",
+        "use 1 to 10 lowercase letters or digits, starting with a letter, e.g. site1 (with vlan)",
+    ),
+    "tenants.*.hosts.*.vlan": ("an integer from 1 to 4094", "use a VLAN id from 1 to 4094 (with trunk)"),
     "tenants.*.hosts.*.mac": (
         "a unicast MAC address",
         "write six hex octets, the first even, e.g. 02:00:00:00:00:01, or leave it out",
@@ -458,6 +465,12 @@ def _check_schema(data: Any, report: _Report) -> None:
             label = str(path[-1])
             hint = _suggest(value, error.validator_value, f"known {label}s")
             report.add(path, f"{_show(value)} is not a known {label}", hint)
+        elif keyword == "dependentRequired":  # trunk and vlan come together
+            for key, needs in error.validator_value.items():
+                for need in needs:
+                    if key in value and need not in value:
+                        report.add(path + (key,), f"'{key}' needs '{need}' beside it",
+                                   "a host behind a trunk names both, e.g. {trunk: site1, vlan: 101}")
         elif keyword == "uniqueItems":  # only chains have it
             for index, item in enumerate(value):
                 if item in value[:index]:
@@ -488,6 +501,7 @@ def _check_meaning(data: Any, report: _Report) -> None:
     free_id = min(set(range(1, 4096)) - ids, default=None)
     id_owners: dict[Any, tuple[str, int]] = {}
     host_owners: dict[str, tuple[str, int]] = {}
+    vlan_owners: dict[tuple[str, int], tuple[str, str, int]] = {}
     for name, tenant in tenants.items():
         base: _Path = ("tenants", name)
         tenant_id = tenant.get("id")
@@ -505,6 +519,15 @@ def _check_meaning(data: Any, report: _Report) -> None:
                 message = f"already defined in tenant {owner!r} (line {line})"
                 report.add(path, message, _HOST_UNIQUE)
             host_owners.setdefault(host, (name, report.line(path)))
+            trunk, vlan = hosts[host].get("trunk"), hosts[host].get("vlan")
+            if host in trunk_names(top) and path not in report.flagged:
+                report.add(path, f"host {host!r} has the name of a trunk", "give hosts and trunks distinct names")
+            if isinstance(trunk, str) and isinstance(vlan, int) and path + ("vlan",) not in report.flagged:
+                owner = vlan_owners.setdefault((trunk, vlan), (name, host, report.line(path)))
+                if owner[1] != host:
+                    report.add(path + ("vlan",), f"VLAN {vlan} on trunk {trunk!r} is already host {owner[1]!r} "
+                               f"of tenant {owner[0]!r} (line {owner[2]})",
+                               "give each host on a trunk its own VLAN id")
         _check_addresses(base, hosts, report)
         pools = _mapping(tenant.get("pools"))
         for pool, spec in pools.items():
@@ -529,6 +552,17 @@ def _check_meaning(data: Any, report: _Report) -> None:
                     )
                     message = f"no pool {pool!r} in tenant {name!r}"
                     report.add(base + ("chains", direction, index), message, hint)
+
+
+def trunk_names(top: Mapping[str, Any]) -> set[str]:
+    """Every trunk name the topology's hosts use."""
+    names = set()
+    for tenant in _mapping(top.get("tenants")).values():
+        for spec in _mapping(_mapping(tenant).get("hosts")).values():
+            trunk = _mapping(spec).get("trunk")
+            if isinstance(trunk, str):
+                names.add(trunk)
+    return names
 
 
 def nf_config_schema(kind: str) -> dict[str, Any] | None:
@@ -647,6 +681,8 @@ def _topology(data: dict[str, Any], lines: Mapping[_Path, int], source: Path | N
                 zone=h.get("zone", ZONES[0]),
                 mac=h["mac"].lower() if "mac" in h else None,
                 line=lines[base + ("hosts", host)],
+                trunk=h.get("trunk"),
+                vlan=h.get("vlan"),
             )
             for host, h in spec["hosts"].items()
         )

@@ -120,10 +120,20 @@ def test_iso_2_fails_when_the_fabric_trusts_a_vlan_tag(fabric_lab) -> None:
     assert result.figures["delivered_to_other_tenant"] > 0
 
 
+def test_iso_2_fails_when_the_fabric_takes_untagged_frames_on_a_trunk(fabric_lab) -> None:
+    lab = fabric_lab
+    trunk_port = next(hp.port for hp in lab.plan.host_ports if hp.vlan is not None)
+    with extra_flow(lab, f"table=0,priority=200,in_port={trunk_port},vlan_tci=0x0000/0x1000,"
+                         f"actions=set_field:2->reg0,set_field:4->reg1,goto_table:10"):
+        result = run(lab, "ISO-2")
+    assert result.verdict == FAIL
+    assert any(r["leaked"] or r["fabric_drops"] < r["forged_sent"] for r in result.figures["trunks"].values())
+
+
 def test_iso_3_fails_when_a_pool_gets_another_tenants_traffic(fabric_lab) -> None:
     lab = fabric_lab
     red_fw = lab.pool_instances("red", "fw")[0]
-    group = lab.plan.groups[(2, "fw")]
+    group = lab.fabric.group_of((2, "fw"))
     ofctl(lab, "insert-buckets", lab.fabric.name,
           f"group_id={group},command_bucket_id=last,bucket=bucket_id:999,weight:10000,"
           f"actions=set_field:{red_fw.member.port}->reg3,resubmit(,50)")

@@ -186,11 +186,14 @@ def iso_2(ctx: Context) -> Result:
     tenant.
 
     For every ordered pair of tenants (a, b): from a's host, 802.1Q frames tagged with b's id
-    and NSH frames claiming b's service paths and context; from one of a's NF instances, NSH
-    frames claiming b's paths. Negative half: b's hosts and NF instances receive none of them
-    and the fabric's drop counters grow by at least the number of forged frames. Positive half:
-    the untagged frame from a's host, and an NSH frame with the instance's own path, index and
-    tenant, arrive within a.
+    and with every VLAN id b's hosts have on a trunk, and NSH frames claiming b's service
+    paths and context; from one of a's NF instances, NSH frames claiming b's paths (and a's
+    own path with b's tenant id). On every trunk port: untagged frames and frames tagged with a
+    VLAN id no host has there. Negative half: no other tenant's hosts or NF instances receive
+    any of them, and the fabric's drop counters grow by at least the number of forged frames.
+    Positive half: the same frame sent legitimately (untagged from a's host; with the
+    instance's own path, index and tenant from the NF; tagged with a host's VLAN on a trunk)
+    arrives within the sender's tenant.
     """
     from scapy.compat import raw
     from scapy.layers.inet import IP, UDP
@@ -212,8 +215,9 @@ def iso_2(ctx: Context) -> Result:
             src_mac = lab.host(sender.name).MAC()
             inner = (Ether(src=src_mac, dst=gateway_mac(a.id)) /
                      IP(src=str(sender.ip.ip), dst=str(victim.ip.ip)) / UDP(sport=40010, dport=9) / b"iso-2")
-            forged_host = [raw(Ether(src=src_mac, dst="ff:ff:ff:ff:ff:ff") / Dot1Q(vlan=b.id) / inner[IP]),
-                           raw(Ether(src=src_mac, dst=gateway_mac(b.id)) / Dot1Q(vlan=b.id) / inner[IP])]
+            tags = sorted({b.id} | {h.vlan for h in b.hosts if h.vlan is not None})
+            forged_host = [raw(Ether(src=src_mac, dst=dst) / Dot1Q(vlan=tag) / inner[IP])
+                           for tag in tags for dst in ("ff:ff:ff:ff:ff:ff", gateway_mac(b.id))]
             forged_host += [_nsh(b.id << 1 | d, si, b.id, raw(inner), src=src_mac)
                             for d in (0, 1) for si in (255, 254, 253)]
             quiet(lab, list(lab.hosts))
@@ -261,7 +265,10 @@ def iso_2(ctx: Context) -> Result:
                                     f"within {a.name} (the positive half failed)")
             if drops[0] < forged_sent:
                 problems.append(f"{label}: the fabric counted {drops[0]} drops for {forged_sent} forged frames")
-    figures = {"tenant_pairs": len(pairs),
+    trunks = _trunk_probes(lab, problems)
+    figures = {"tenant_pairs": len(pairs), "trunks": trunks,
+               "trunk_forged_frames": sum(r["forged_sent"] for r in trunks.values()),
+               "trunk_fabric_drops": sum(r["fabric_drops"] for r in trunks.values()),
                "forged_frames": sum(r["forged_sent"] for r in pairs.values()),
                "fabric_drops": sum(r["fabric_drops"] for r in pairs.values()),
                "delivered_to_other_tenant": sum(sum(r[w]["leaked"].values()) for r in pairs.values()
@@ -270,6 +277,71 @@ def iso_2(ctx: Context) -> Result:
                "legit_expected": sum(r[w]["legit_expected"] for r in pairs.values() for w in ("host", "nf") if w in r),
                "pairs": pairs}
     return verdict(not problems, figures, "; ".join(problems))
+
+
+class RawPort:
+    """Raw frames sent from a root-namespace interface (a trunk switch's uplink)."""
+
+    def __init__(self, ifname: str) -> None:
+        import socket
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        self.sock.bind((ifname, 0))
+
+    def send(self, frames: list[bytes]) -> int:
+        return sum(1 for f in frames if self.sock.send(f) == len(f))
+
+    def __enter__(self) -> "RawPort":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sock.close()
+
+
+def _trunk_probes(lab: Any, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """On each trunk port: untagged frames and frames with a VLAN id no tenant has there are
+    dropped and counted; the same frame tagged with a host's VLAN arrives within its tenant."""
+    from scapy.compat import raw
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Dot1Q, Ether
+
+    from statelab.lab import gateway_mac
+
+    out: dict[str, dict[str, Any]] = {}
+    topo = lab.topo
+    for trunk in sorted(lab.trunks):
+        behind = [(t, h) for t, h in topo.hosts() if h.trunk == trunk]
+        vlans = {h.vlan for _, h in behind}
+        unused = next(v for v in range(4094, 0, -1) if v not in vlans)
+        own, host = behind[0]
+        peer = next((h for h in own.hosts if h.name != host.name), host)
+        inner = (Ether(src=lab.host(host.name).MAC(), dst=gateway_mac(own.id)) /
+                 IP(src=str(host.ip.ip), dst=str(peer.ip.ip)) / UDP(sport=40011, dport=9) / b"iso-2 trunk")
+        forged = [raw(inner), raw(Ether(src=inner.src, dst=inner.dst) / Dot1Q(vlan=unused) / inner[IP])]
+        legit = raw(Ether(src=inner.src, dst=inner.dst) / Dot1Q(vlan=host.vlan) / inner[IP])
+        others = [t for t in topo.tenants if t is not own]
+        quiet(lab, list(lab.hosts))
+        dropped = lab.fabric.dropped()
+        with RawPort(lab.trunk_uplink(trunk)) as port:
+            r = paired_probe(lab, port, forged + [legit], 1 if _arrives_within("udp", own, host, str(peer.ip.ip))
+                             else 0, own, others, (host.name,))
+        drops = [0]
+
+        def counted() -> bool:
+            drops[0] = lab.fabric.dropped() - dropped
+            return drops[0] >= len(forged)
+
+        wait_until(counted, POSITIVE_TIMEOUT)
+        out[trunk] = {"forged_sent": min(r["sent"], len(forged)), "fabric_drops": drops[0], "leaked": r["leaked"],
+                      "legit_expected": r["expected"], "legit_arrived": r["arrived"], "unused_vlan": unused}
+        for t, n in r["leaked"].items():
+            problems.append(f"trunk {trunk}: {n} untagged or foreign-tagged frames reached tenant {t}")
+        if r["arrived"] < r["expected"]:
+            problems.append(f"trunk {trunk}: the frame tagged with {host.name}'s VLAN {host.vlan} did not arrive "
+                            f"within {own.name} (the positive half failed)")
+        if drops[0] < len(forged):
+            problems.append(f"trunk {trunk}: the fabric counted {drops[0]} drops for {len(forged)} untagged or "
+                            f"foreign-tagged frames")
+    return out
 
 
 @check("ISO-3")

@@ -19,21 +19,28 @@ Tables (registers: reg0 tenant id, reg1 service path id, reg2 service index, reg
 
 Each pool is a ``select`` group with ``selection_method=hash`` on the inner 5-tuple: OVS
 scores buckets by highest random weight, so adding a member moves only its share of flows and
-removing one moves only its flows. Membership changes go in one OpenFlow bundle.
+removing one moves only its flows. Each membership change is one OpenFlow bundle, so the
+ordering contract holds trivially: a new member's return flows and its bucket appear together,
+and its bucket goes (remove_member) before its return flows (forget_member).
+
+An access port matches untagged frames only; a trunk port matches (port, VLAN id), pops the
+tag on the way in and pushes it on delivery; untagged or foreign-tagged frames on it miss
+table 0 and are dropped and counted.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from mininet.node import OVSSwitch
 
 from statelab.errors import LabError
-from statelab.fabric import FIRST_SI, Fabric, Member, PoolKey, SteeringPlan
+from statelab.fabric import FIRST_SI, Fabric, Member, PoolKey, SteeringPlan, register
 
 OVS_CTL = Path("/usr/share/openvswitch/scripts/ovs-ctl")
 OFCTL = ("ovs-ofctl", "-O", "OpenFlow15")
@@ -72,6 +79,7 @@ def stop_ovs() -> None:
     subprocess.run([str(OVS_CTL), "stop"], capture_output=True)
 
 
+@register
 class OvsFabric(Fabric, OVSSwitch):
     """The OVS driver: a Mininet OVSSwitch on the userspace datapath, programmed over OpenFlow 1.5.
 
@@ -88,13 +96,39 @@ class OvsFabric(Fabric, OVSSwitch):
         params.update(datapath="user", failMode="secure", protocols="OpenFlow15", inband=False)
         OVSSwitch.__init__(self, name, **params)
         self.plan: Optional[SteeringPlan] = None
+        self._groups: dict[PoolKey, int] = {}          # pool -> OpenFlow group id
+        self._members: dict[PoolKey, list[Member]] = {}  # pool -> its members now
 
     @classmethod
     def setup(cls) -> None:
-        """Check the OVS programs and read OVS's version (the lab starts the daemons if needed)."""
+        """Check the OVS programs (the lab starts the daemons in :meth:`prepare` if needed).
+
+        Raises:
+            MissingDependency: an OVS program is not installed.
+        """
         Fabric.setup.__func__(cls)
-        if ovs_running():
-            OVSSwitch.setup.__func__(cls)
+
+    @classmethod
+    def prepare(cls, record: Any, progress: Callable[[str], None]) -> None:
+        """Start Open vSwitch's daemons if they are not running (and note it in the record)."""
+        if not ovs_running():
+            progress("starting Open vSwitch")
+            start_ovs()
+            record.ovs_started = True
+            record.save()
+        version = subprocess.run(["ovs-vsctl", "--version"], capture_output=True, text=True).stdout
+        cls.OVSVersion = re.findall(r"\d+\.\d+", version)[0] if version else "3.1"
+
+    @classmethod
+    def release(cls, record: Any) -> None:
+        """Stop the daemons if :meth:`prepare` started them for this lab."""
+        if record.ovs_started:
+            stop_ovs()
+
+    def bind(self, record: Any, run_dir: Path) -> None:
+        Fabric.bind(self, record, run_dir)
+        record.ovs_bridges.append(self.name)
+        record.save()
 
     # -- OpenFlow plumbing -------------------------------------------------------------
 
@@ -107,21 +141,23 @@ class OvsFabric(Fabric, OVSSwitch):
         finally:
             Path(f.name).unlink(missing_ok=True)
 
-    def add_port(self, intf: str, port: int) -> None:
-        """Attach a new interface as OpenFlow port ``port`` (used when a pool grows)."""
-        _run(["ovs-vsctl", "add-port", self.name, intf, "--", "set", "Interface", intf,
+    def attach(self, intf: Any) -> None:
+        """Add an interface linked while the switch runs, as the OpenFlow port Mininet gave it."""
+        port = self.ports[intf]
+        _run(["ovs-vsctl", "add-port", self.name, str(intf), "--", "set", "Interface", str(intf),
               f"ofport_request={port}"], f"adding {intf} to {self.name}")
         deadline = time.monotonic() + 5
+        out = ""
         while time.monotonic() < deadline:
-            out = _run(["ovs-vsctl", "get", "Interface", intf, "ofport"], "reading ofport").strip()
+            out = _run(["ovs-vsctl", "get", "Interface", str(intf), "ofport"], "reading ofport").strip()
             if out == str(port):
                 return
             time.sleep(0.05)
         raise LabError(f"{intf} did not become port {port} of {self.name} (ofport {out})")
 
-    def del_port(self, intf: str) -> None:
-        """Detach an interface (no error if it is already gone)."""
-        subprocess.run(["ovs-vsctl", "--if-exists", "del-port", self.name, intf], capture_output=True)
+    def detach(self, intf: Any) -> None:
+        """Remove an interface's port (no error if it is already gone)."""
+        subprocess.run(["ovs-vsctl", "--if-exists", "del-port", self.name, str(intf)], capture_output=True)
 
     # -- flows of the plan -------------------------------------------------------------
 
@@ -148,6 +184,16 @@ class OvsFabric(Fabric, OVSSwitch):
                          f"set_field:{path.spi}->reg1,goto_table:21")
         return flows
 
+    @staticmethod
+    def _out_port(port: int, vlan: Optional[int]) -> str:
+        """Output to an access port, or to a trunk port tagged with ``vlan`` (tag removed after)."""
+        if vlan is None:
+            return f"output:{port}"
+        return f"push_vlan:0x8100,set_field:{4096 | vlan}->vlan_vid,output:{port},pop_vlan"
+
+    def _out(self, hp: Any) -> str:
+        return self._out_port(hp.port, hp.vlan)
+
     def _base_flows(self, plan: SteeringPlan) -> list[str]:
         flows = ["flow add table=0,priority=0,actions=drop",
                  "flow add table=20,priority=0,actions=drop",
@@ -157,19 +203,25 @@ class OvsFabric(Fabric, OVSSwitch):
                  "flow add table=10,priority=10,actions=goto_table:40"]
         for hp in plan.host_ports:
             flows.append(f"flow add table=0,priority=110,in_port={hp.port},dl_type=0x894f,actions=drop")
-            flows.append(f"flow add table=0,priority=100,in_port={hp.port},vlan_tci=0x0000/0x1000,"
-                         f"actions=set_field:{hp.tenant}->reg0,set_field:{hp.spi}->reg1,goto_table:10")
+            if hp.vlan is None:
+                match, pop = "vlan_tci=0x0000/0x1000", ""
+            else:
+                match, pop = f"dl_vlan={hp.vlan}", "pop_vlan,"
+            flows.append(f"flow add table=0,priority=100,in_port={hp.port},{match},actions={pop}"
+                         f"set_field:{hp.tenant}->reg0,set_field:{hp.spi}->reg1,goto_table:10")
             flows.append(f"flow add table=40,priority=100,reg0={hp.tenant},ip,nw_dst={hp.ip},"
-                         f"actions=set_field:{hp.mac}->eth_dst,output:{hp.port}")
+                         f"actions=set_field:{hp.mac}->eth_dst,{self._out(hp)}")
             flows.append(f"flow add table=40,priority=50,reg0={hp.tenant},arp,dl_dst={hp.mac},"
-                         f"actions=output:{hp.port}")
+                         f"actions={self._out(hp)}")
         for tenant in sorted({hp.tenant for hp in plan.host_ports}):
-            outs = ",".join(f"output:{hp.port}" for hp in plan.host_ports if hp.tenant == tenant)
+            ports = sorted({(hp.port, hp.vlan) for hp in plan.host_ports if hp.tenant == tenant},
+                           key=lambda pv: (pv[1] is not None, pv))
+            outs = ",".join(self._out_port(port, vlan) for port, vlan in ports)
             flows.append(f"flow add table=40,priority=40,reg0={tenant},"
                          f"dl_dst=01:00:00:00:00:00/01:00:00:00:00:00,actions={outs}")
         for path in plan.paths:
             for i, hop in enumerate(path.hops):
-                group = plan.groups[(path.tenant, hop)]
+                group = self._groups[(path.tenant, hop)]
                 flows.append(f"flow add table=30,priority=100,reg1={path.spi},reg2={FIRST_SI - i},"
                              f"actions=group:{group}")
             flows.append(f"flow add table=30,priority=100,reg1={path.spi},"
@@ -178,34 +230,39 @@ class OvsFabric(Fabric, OVSSwitch):
 
     # -- the Fabric interface ----------------------------------------------------------
 
+    def group_of(self, key: PoolKey) -> int:
+        """The OpenFlow group id of a pool."""
+        return self._groups[key]
+
     def program(self, plan: SteeringPlan) -> None:
         self.plan = plan
+        self._groups = {key: i + 1 for i, key in enumerate(plan.pools())}
+        self._members = {key: list(plan.members.get(key, ())) for key in self._groups}
         lines = ["flow delete", "group delete group_id=all"]
-        for key, group in sorted(plan.groups.items(), key=lambda kv: kv[1]):
-            buckets = ",".join(self._bucket(m) for m in plan.members.get(key, []))
+        for key, group in self._groups.items():
+            buckets = ",".join(self._bucket(m) for m in self._members[key])
             lines.append(f"group add group_id={group},type=select,selection_method=hash,"
                          f"{HASH_FIELDS}" + (f",{buckets}" if buckets else ""))
         lines += self._base_flows(plan)
-        for key, members in plan.members.items():
+        for key, members in self._members.items():
             for m in members:
                 lines += self._member_flows(key, m)
         self._bundle(lines, "programming the steering plan")
 
     def add_member(self, key: PoolKey, member: Member) -> None:
         assert self.plan is not None, "program() first"
-        group = self.plan.groups[key]
-        self.plan.members.setdefault(key, []).append(member)
+        self._members[key].append(member)
         lines = self._member_flows(key, member)
-        lines.append(f"group insert_bucket group_id={group},command_bucket_id=last,{self._bucket(member)}")
+        lines.append(f"group insert_bucket group_id={self._groups[key]},command_bucket_id=last,"
+                     f"{self._bucket(member)}")
         self._bundle(lines, f"adding {member.name} to its pool")
 
     def remove_member(self, key: PoolKey, member: Member) -> None:
         assert self.plan is not None, "program() first"
-        group = self.plan.groups[key]
-        members = self.plan.members.get(key, [])
+        members = self._members.get(key, [])
         if member in members:
             members.remove(member)
-            self._bundle([f"group remove_bucket group_id={group},command_bucket_id={member.port}"],
+            self._bundle([f"group remove_bucket group_id={self._groups[key]},command_bucket_id={member.port}"],
                          f"removing {member.name} from its pool")
 
     def forget_member(self, key: PoolKey, member: Member) -> None:
