@@ -473,7 +473,7 @@ class Firewall(NetworkFunction):
         if item.kind == "tcp":
             return self._tcp(item, conn)
         echo_request = item.pkt.icmp_type == ICMP_ECHO_REQUEST
-        if conn is None or conn.tcp is not None:  # (a TCP entry under a UDP key cannot be)
+        if conn is None:
             if item.kind == "echo" and not echo_request:
                 return _Step("no_connection", conn)
             return self._new(item, {"udp": "UDP", "echo": "ICMP", "other": "OTHER"}[item.kind])
@@ -496,7 +496,8 @@ class Firewall(NetworkFunction):
         out = tcptrack.track(record, direction, seg, self.timeout_ms)
         if out.reopen:  # the old connection is over whatever the rules say about the new one
             return self._tcp_open(item, seg, None)
-        return _Step(out.reason, None if out.kill else Conn.of_tcp(conn.orig, record), out.timeout, out.shorten)
+        after = None if out.kill else Conn.of_tcp(conn.orig, record)
+        return _Step(out.reason, after, out.timeout, out.shorten)
 
     def _tcp_open(self, item: _Item, seg: Segment, conn: Optional[Conn]) -> _Step:
         """A TCP packet without a (usable) entry: a SYN the rules allow starts a connection."""

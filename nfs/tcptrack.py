@@ -33,8 +33,10 @@ Decisions that follow RFC 5961 and RFC 9293 through Linux's table:
   that acknowledges it, the record takes the new connection over (the endpoints lost their
   state, the middlebox did not);
 - a SYN-ACK must acknowledge no more than the SYN (RFC 9293 §3.10.7.3: ``SEG.ACK > SND.NXT``
-  is unacceptable, dropped as ``bad_ack``); one that acknowledges less passes without effect
-  so that the client can reset it (RFC 9293 §3.5, old duplicate SYN);
+  is unacceptable, dropped as ``bad_ack``); one that acknowledges less passes, so that the
+  client can answer it with a RST (RFC 9293 §3.5, old duplicate SYN): within the usual
+  66000-byte allowance below ``td_end`` it is taken as the answer, further below it changes
+  nothing;
 - simultaneous open (RFC 9293 §3.5, figure 7) goes SYN_SENT -> SYN_SENT2 -> SYN_RECV;
 - a SYN after both FINs (TIME_WAIT, or CLOSE after a RST) starts a new connection.
 
