@@ -8,6 +8,9 @@ offered rate), RFC 9411 (a connection ended by RST is a failure).
 from __future__ import annotations
 
 import itertools
+import select
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,3 +296,97 @@ def pool_outcome(ctx: Context, check_id: str, what: str, sc: Scenario, pool: Any
         problems.append(f"{label}: lost {f.get('udp_lost')}, duplicated {f.get('udp_duplicates')}, "
                         f"TCP broken {f.get('tcp_broken')} {f.get('tcp_errors', '')}")
     return png
+
+
+class FabricTap:
+    """Frames the fabric hands to pool members, seen on the fabric-side ends of their links
+    (root namespace).
+
+    Args:
+        lab: the running lab.
+        instances: the members to watch (more with :meth:`add`).
+        keep: ``f(inner frame) -> key or None``: what to record of a frame (None: skip it).
+
+    Attributes:
+        captured: ``(member index, time, key, raw frame)`` in arrival order.
+    """
+
+    def __init__(self, lab: Any, instances: list[Any], keep: Callable[[bytes], Any]) -> None:
+        self.lab = lab
+        self.keep = keep
+        self.instances: list[Any] = []
+        self.socks: list[socket.socket] = []
+        self.captured: list[tuple[int, float, Any, bytes]] = []
+        self._lock = threading.Lock()
+        for inst in instances:
+            self.add(inst)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="statelab-tap", daemon=True)
+        self._thread.start()
+
+    def add(self, inst: Any) -> None:
+        """Watch one more member (e.g. one that just joined)."""
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        s.bind((self.lab.fabric.port_name(inst.member), 0))
+        with self._lock:
+            self.instances.append(inst)
+            self.socks.append(s)
+
+    def _run(self) -> None:
+        from nfs import nsh
+        while not self._stop.is_set():
+            with self._lock:
+                socks = list(self.socks)
+            r, _, _ = select.select(socks, [], [], 0.1)
+            for s in r:
+                data, addr = s.recvfrom(65535)
+                if addr[2] != socket.PACKET_OUTGOING:
+                    continue  # only what the fabric sends toward the NF
+                try:
+                    key = self.keep(nsh.parse(data).inner)
+                except nsh.Malformed:
+                    continue
+                if key is not None:
+                    self.captured.append((socks.index(s), time.time(), key, data))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def udp_flow(inner: bytes) -> Optional[tuple[bytes, bytes]]:
+    """The (addresses, ports) of an inner IPv4 UDP frame, else None (a :class:`FabricTap` key)."""
+    if inner[12:14] != b"\x08\x00" or len(inner) < 42 or inner[23] != 17:
+        return None
+    ihl = (inner[14] & 0xF) * 4
+    return inner[26:34], inner[14 + ihl:18 + ihl]
+
+
+def flows_moved(tap: FabricTap, before: float, after: float, new: Optional[int] = None) -> dict[str, Any]:
+    """Which member each flow went to before ``before`` and after ``after`` (wall-clock times).
+
+    Args:
+        tap: the capture.
+        before, after: the two windows' edges.
+        new: index in ``tap.instances`` of a member that joined between them.
+
+    Returns:
+        figures: flows compared, flows moved, moved to the new member, moved between the old.
+    """
+    seen: dict[Any, tuple[set[int], set[int]]] = {}
+    for idx, at, key, _ in tap.captured:
+        b, a = seen.setdefault(key, (set(), set()))
+        if at < before:
+            b.add(idx)
+        elif at > after:
+            a.add(idx)
+    compared = {k: v for k, v in seen.items() if v[0] and v[1]}
+    moved = [k for k, (b, a) in compared.items() if b != a]
+    to_new = [k for k in moved if new is not None and compared[k][1] == {new}]
+    return {"flows_compared": len(compared), "flows_moved": len(moved), "flows_moved_to_new": len(to_new),
+            "flows_moved_between_old": len(moved) - len(to_new),
+            "flows_moved_fraction": round(len(moved) / len(compared), 3) if compared else None}

@@ -4,16 +4,13 @@ never reused, replay window; RFC 4787/5382: the NAT mapping stays the same)."""
 from __future__ import annotations
 
 import itertools
-import select
-import socket
 import struct
-import threading
 import time
 from typing import Any, Optional
 
 from conformance.core import SKIP, Result, check, verdict
-from conformance.load import (Context, Load, Scenario, busiest, collect, exercised, nothing_to_exercise, plot,
-                              pool_label, under_load)
+from conformance.load import (Context, FabricTap, Load, Scenario, busiest, collect, exercised,
+                              nothing_to_exercise, plot, pool_label, under_load)
 
 # -- CONT: state continuity across crashes ---------------------------------------------------
 
@@ -136,48 +133,23 @@ def cont_3(ctx: Context) -> Result:
                                                 f"{f.get('tcp_broken')} TCP connections broken"]), png)
 
 
-class EspCapture:
-    """Collect every ESP packet the fabric hands to some NF instances, with (SPI, sequence number).
+def _esp(inner: bytes) -> Optional[tuple[int, int]]:
+    """(SPI, sequence number) of an inner IPv4 ESP frame, else None."""
+    if inner[12:14] != b"\x08\x00" or inner[23] != 50:
+        return None
+    ihl = (inner[14] & 0xF) * 4
+    return struct.unpack_from("!II", inner, 14 + ihl)
 
-    Runs in the root namespace on the fabric-side ends of the given instances' links.
-    """
+
+class EspCapture(FabricTap):
+    """Every ESP packet the fabric hands to some NF instances, with (SPI, sequence number)."""
 
     def __init__(self, lab: Any, instances: list[Any]) -> None:
-        self.instances = instances
-        self.socks = []
-        for inst in instances:
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-            s.bind((lab.fabric.port_name(inst.member), 0))
-            self.socks.append(s)
-        self.captured: list[tuple[int, int, int, bytes]] = []  # (instance index, spi, seq, frame)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(lab, instances, _esp)
 
     @property
     def seen(self) -> list[tuple[int, int]]:
-        return [(spi, seq) for _, spi, seq, _ in self.captured]
-
-    def _run(self) -> None:
-        from nfs import nsh
-        while not self._stop.is_set():
-            r, _, _ = select.select(self.socks, [], [], 0.1)
-            for s in r:
-                data, addr = s.recvfrom(65535)
-                if addr[2] != socket.PACKET_OUTGOING:
-                    continue  # only what the fabric sends toward the NF
-                try:
-                    inner = nsh.parse(data).inner
-                except nsh.Malformed:
-                    continue
-                if inner[12:14] == b"\x08\x00" and inner[23] == 50:
-                    ihl = (inner[14] & 0xF) * 4
-                    spi, seq = struct.unpack_from("!II", inner, 14 + ihl)
-                    self.captured.append((self.socks.index(s), spi, seq, data))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        return [key for _, _, key, _ in self.captured]
 
     def replays(self, window: int, count: int) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
         """Frames to replay, each toward the *other* instance than the one that got it.
@@ -186,21 +158,21 @@ class EspCapture:
             (inside the window: the newest numbers below the top, each seen once so far;
             older than the window), each as ``(target instance index, frame)``.
         """
-        if not self.captured or len(self.socks) < 1:
+        if not self.captured:
             return [], []
-        top = max(seq for _, _, seq, _ in self.captured)
+        top = max(seq for _, _, (_, seq), _ in self.captured)
         once: dict[tuple[int, int], int] = {}
-        for _, spi, seq, _ in self.captured:
-            once[(spi, seq)] = once.get((spi, seq), 0) + 1
+        for _, _, key, _ in self.captured:
+            once[key] = once.get(key, 0) + 1
 
         def retarget(idx: int, frame: bytes) -> tuple[int, bytes]:
             other = (idx + 1) % len(self.socks)
             mac = bytes.fromhex(self.instances[other].member.mac.replace(":", ""))
             return other, mac + frame[6:]
 
-        fresh = sorted((c for c in self.captured if c[2] < top and top - c[2] < window
-                        and once[(c[1], c[2])] == 1), key=lambda c: -c[2])[:count]
-        old = [c for c in self.captured if top - c[2] >= window][:count]
+        fresh = sorted((c for c in self.captured if c[2][1] < top and top - c[2][1] < window
+                        and once[c[2]] == 1), key=lambda c: -c[2][1])[:count]
+        old = [c for c in self.captured if top - c[2][1] >= window][:count]
         return ([retarget(i, f) for i, _, _, f in fresh], [retarget(i, f) for i, _, _, f in old])
 
     def send(self, frames: list[tuple[int, bytes]]) -> int:

@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 from conformance.core import Result, check, verdict
-from conformance.load import (Context, collect, first_packet_ms, nothing_to_exercise, pool_label,
-                              pool_outcome, under_load)
+from conformance.load import (Context, FabricTap, collect, first_packet_ms, flows_moved, nothing_to_exercise,
+                              pool_label, pool_outcome, udp_flow, under_load)
+
+MOVE_SETTLE = 0.3  # s after a new member joined before flows are compared with where they went before
 
 
 @check("SCALE-1")
@@ -17,7 +19,9 @@ def scale_1(ctx: Context) -> Result:
 
     For each pool of each tenant's chains: UDP flows and echo-verified TCP connections run
     through the chain; an instance is added mid-run. Per flow 0 lost and 0 duplicated, no TCP
-    connection reset or stalled, the new instance received packets. Reaction time: from the
+    connection reset or stalled, the new instance received packets, and no UDP flow moved
+    between the old members (seen on the fabric's member ports: flows moved, beside the ideal
+    1/(n+1), recorded). Reaction time: from the
     scale-out call until the first counter sample (every 0.2 s) that shows the new instance
     received a packet; it must exist (the instance got traffic) and is recorded.
     """
@@ -30,10 +34,28 @@ def scale_1(ctx: Context) -> Result:
         return nothing_to_exercise(ctx)
     for sc, pool in pairs:
         t0 = time.time()
-        load = under_load(ctx, sc, lambda: lab.control.scale_out(sc.tenant, pool.name)[0],
-                          [f"{sc.tenant}-{pool.name}-"])
+        old = [i for i in lab.pool_instances(sc.tenant, pool.name) if i.in_pool]
+        tap = FabricTap(lab, old, udp_flow)
+        joined: list[float] = []
+
+        def grow() -> Any:
+            inst = lab.control.scale_out(sc.tenant, pool.name)[0]
+            tap.add(inst)
+            joined.append(time.time())
+            return inst
+
+        try:
+            load = under_load(ctx, sc, grow, [f"{sc.tenant}-{pool.name}-"])
+        finally:
+            tap.stop()
+            tap.close()
         new = load.event_result
         f = load.figures()
+        f.update(flows_moved(tap, load.event_at, joined[0] + MOVE_SETTLE if joined else float("inf"), len(old)))
+        f["flows_moved_ideal"] = round(1 / (len(old) + 1), 3)
+        if f["flows_moved_between_old"]:
+            problems.append(f"{pool_label(sc, pool)}: {f['flows_moved_between_old']} flows moved between the "
+                            f"old members on a scale-out (only the new member's share may move)")
         f["scale_out_ms"] = round((lab.control.events[-1][0] - load.event_at) * 1000, 1) if lab.control.events else None
         f["new_instance"] = new.id
         f["new_instance_packets"] = load.timeline.carried(new.id, load.event_at)
@@ -46,6 +68,11 @@ def scale_1(ctx: Context) -> Result:
         f["seconds"] = round(time.time() - t0, 1)
     figures = collect(per_pool, ("udp_lost", "udp_duplicates", "tcp_broken", "pool_packets"))
     figures["pools_exercised"] = len(per_pool)
+    compared = sum(p.get("flows_compared", 0) for p in per_pool.values())
+    figures["flows_moved_fraction"] = (round(sum(p.get("flows_moved", 0) for p in per_pool.values()) / compared, 3)
+                                       if compared else None)
+    figures["flows_moved_ideal"] = round(sum(p["flows_moved_ideal"] * p.get("flows_compared", 0)
+                                             for p in per_pool.values()) / compared, 3) if compared else None
     figures["reaction_ms_max"] = max((p["reaction_ms"] or 0.0 for p in per_pool.values()), default=None)
     figures["reaction_ms_definition"] = ("scale_out() call until the first 0.2 s counter sample showing "
                                          "the new instance received a packet")
