@@ -290,6 +290,7 @@ class RedisState(StateClient):
         extra = {} if password is None or urlparse(url).password else {"password": password}
         self.r = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **extra)
         self._scripts = {name: self.r.register_script(s.lua) for name, s in SCRIPTS.items()}
+        self._noscript = redis.exceptions.NoScriptError
 
     def __repr__(self) -> str:
         u = urlparse(self.url)
@@ -312,13 +313,41 @@ class RedisState(StateClient):
             elif op == "delete":
                 pipe.delete(self.key(args[0]))
             elif op == "script":
+                # EVALSHA straight into the pipeline: redis-py's own script call would add a
+                # SCRIPT EXISTS round trip before every pipeline that holds a script
                 name, keys, sargs = args
-                self._scripts[name](keys=[self.key(k) for k in keys], args=list(sargs), client=pipe)
+                pipe.evalsha(self._scripts[name].sha, len(keys), *[self.key(k) for k in keys], *sargs)
         try:
-            results = pipe.execute()
+            results = pipe.execute(raise_on_error=False)
+            missing = [i for i, r in enumerate(results) if isinstance(r, self._noscript)]
+            if missing:
+                results = self._load_and_rerun(ops, results, missing)
         except self._redis_errors as err:
             raise StateUnavailable(f"state server unreachable: {err}") from None
+        for r in results:
+            if isinstance(r, Exception):
+                raise r  # e.g. NoPermissionError: the server refused this user the operation
         return [bool(r) if op in ("set", "expire") else r for (op, _, _), r in zip(ops, results)]
+
+    def _load_and_rerun(self, ops: list[tuple[str, tuple[Any, ...], Ref]], results: list[Any],
+                        missing: list[int]) -> list[Any]:
+        """The server lacks our scripts (a fresh server the lab did not load them into): load
+        them if this user may, then run just the script operations that failed (they had no
+        effect). A user who may not load scripts fails closed."""
+        import redis
+        try:
+            for script in self._scripts.values():
+                self.r.script_load(script.script)
+        except redis.exceptions.ResponseError as err:
+            raise StateUnavailable(f"the state server lacks the NF scripts and this user cannot load "
+                                   f"them: {err}") from None
+        pipe = self.r.pipeline(transaction=False)
+        for i in missing:
+            name, keys, sargs = ops[i][1]
+            pipe.evalsha(self._scripts[name].sha, len(keys), *[self.key(k) for k in keys], *sargs)
+        for i, r in zip(missing, pipe.execute(raise_on_error=False)):
+            results[i] = r
+        return results
 
 
 class LocalState(StateClient):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import socket
@@ -9,7 +10,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -26,6 +27,28 @@ class RedisServer:
 
     def url(self, tenant: str) -> str:
         return f"redis://tenant-{tenant}:{self.passwords[tenant]}@127.0.0.1:{self.port}/0"
+
+    @contextlib.contextmanager
+    def seen(self) -> Iterator[dict[str, Any]]:
+        """What the server itself saw inside the block: ``{"read_events": socket reads (a
+        round trip is one, or more when a pipeline arrives in pieces), "commands": {name: calls}}``
+        (INFO's own reads and calls left out). Counted by the server, so commands a client
+        library adds on its own (e.g. SCRIPT EXISTS) show."""
+        admin = self.admin()
+
+        def now() -> tuple[int, dict[str, int]]:
+            stats = admin.info("stats")["total_reads_processed"]
+            calls = {k.removeprefix("cmdstat_"): v["calls"] for k, v in admin.info("commandstats").items()}
+            return stats, calls
+
+        admin.ping()  # connected before the first reading
+        reads0, calls0 = now()
+        out: dict[str, Any] = {}
+        yield out
+        reads1, calls1 = now()
+        out["read_events"] = reads1 - reads0 - 2  # the second INFO of the first reading, the first of the last
+        out["commands"] = {k: n - calls0.get(k, 0) for k, n in calls1.items()
+                           if k != "info" and n != calls0.get(k, 0)}
 
     def admin(self):
         import redis
