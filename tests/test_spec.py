@@ -480,3 +480,33 @@ def test_schema_agrees_with_the_code() -> None:
     assert top["state"]["properties"]["port"]["default"] == spec.DEFAULT_STATE_PORT
     assert top["management"]["properties"]["subnet"]["default"] == str(spec.DEFAULT_MANAGEMENT)
     assert defs["host"]["properties"]["zone"]["default"] == spec.ZONES[0]
+
+
+# ------------------------------------------------------------------------------ 802.1Q trunks
+
+
+def test_hosts_behind_a_trunk_load_with_their_vlan() -> None:
+    topo = loads(edit("r1: {ip: 10.0.0.1/24, zone: inside}", "r1: {ip: 10.0.0.1/24, trunk: site1, vlan: 101}")
+                 .replace("b1: {ip: 10.0.0.1/24}", "b1: {ip: 10.0.0.1/24, trunk: site1, vlan: 102}"))
+    assert [(h.name, h.trunk, h.vlan) for _, h in topo.hosts()] == [
+        ("r1", "site1", 101), ("r2", None, None), ("b1", "site1", 102)]
+
+
+def test_trunk_without_vlan_names_what_is_missing(problem) -> None:
+    found = problem(edit("r1: {ip: 10.0.0.1/24, zone: inside}", "r1: {ip: 10.0.0.1/24, trunk: site1}"))
+    assert found.line == 8
+    assert found.message == "tenants.red.hosts.r1.trunk: 'trunk' needs 'vlan' beside it"
+
+
+def test_one_vlan_per_host_on_a_trunk(problem) -> None:
+    found = problem(edit("r1: {ip: 10.0.0.1/24, zone: inside}", "r1: {ip: 10.0.0.1/24, trunk: site1, vlan: 7}")
+                    .replace("b1: {ip: 10.0.0.1/24}", "b1: {ip: 10.0.0.1/24, trunk: site1, vlan: 7}"))
+    assert found.line == 19
+    assert "VLAN 7 on trunk 'site1' is already host 'r1' of tenant 'red' (line 8)" in found.message
+    assert found.hint == "give each host on a trunk its own VLAN id"
+
+
+def test_vlan_out_of_range(problem) -> None:
+    found = problem(edit("r1: {ip: 10.0.0.1/24, zone: inside}", "r1: {ip: 10.0.0.1/24, trunk: site1, vlan: 4095}"))
+    assert found.line == 8
+    assert "VLAN id from 1 to 4094" in found.hint
