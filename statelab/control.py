@@ -1,6 +1,11 @@
 """Pool control: scale out, scale in (drain), kill, and fail-over on an instance's death.
 
-Every membership change is one atomic fabric update (an OpenFlow bundle on OVS). A watcher
+The lab owns each instance's lifecycle (``Lab.add_instance``, ``wait_ready``,
+``remove_instance``); the controller decides when and tells the fabric, in the order of the
+steering contract. This module imports nothing of the lab at run time.
+
+Every membership change is an ordered fabric update (docs/contracts.md: a member's return
+path before its traffic, its traffic stopped before its return path goes). A watcher
 thread notices an instance whose process died and takes it out of its pool, so the survivors
 carry its flows; that is the whole fail-over, because no instance holds state of its own.
 """
@@ -73,7 +78,7 @@ class Controller:
         added = []
         with self.lock:
             for _ in range(count):
-                inst = self.lab._add_instance(t, p, attach=True)
+                inst = self.lab.add_instance(t, p, attach=True)
                 try:
                     self.lab.wait_ready(inst)
                 except ProcessFailed:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import yaml
 
 from statelab import spec as specmod
+from statelab.control import Controller
 from statelab.errors import LabError, MissingDependency, ProcessFailed
 from statelab.fabric import (DIRECTIONS, HostPort, Member, PoolKey, ServicePath, SteeringPlan,
                              fabric_class, spi_of)
@@ -158,7 +159,6 @@ class Lab:
         self._next_index: dict[PoolKey, int] = {}
         self._mgmt_links = 0
         self._stopped = False
-        from statelab.control import Controller
         self.control = Controller(self)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -203,7 +203,7 @@ class Lab:
         for tenant in self.topo.tenants:
             for pool in tenant.pools:
                 for _ in range(pool.instances):
-                    self._add_instance(tenant, pool, attach=False)
+                    self.add_instance(tenant, pool, attach=False)
         self.progress("starting the fabric")
         for tenant in self.topo.tenants:
             for h in tenant.hosts:
@@ -666,7 +666,7 @@ class Lab:
 
     # -- NF instances ------------------------------------------------------------------
 
-    def _add_instance(self, tenant: "specmod.Tenant", pool: "specmod.Pool", attach: bool) -> Instance:
+    def add_instance(self, tenant: "specmod.Tenant", pool: "specmod.Pool", attach: bool) -> Instance:
         """Create an NF host, link it to the fabric and start its process.
 
         Args:
