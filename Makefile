@@ -1,10 +1,11 @@
 # The two commands of the README. Both install what they need first (scripts/install.sh).
 PY := .venv/bin/python
 TOPOLOGY ?= topologies/default.yaml
-TARGET ?= ovs
+# the reference topologies the conformance suite runs on, on every target this machine has
+SUITE_TOPOLOGIES ?= topologies/conformance.yaml topologies/default.yaml
 REPORT ?= reports
 
-.PHONY: install lab test unit clean
+.PHONY: install lab test unit conformance p4 ptf clean
 
 install:
 	scripts/install.sh
@@ -12,11 +13,33 @@ install:
 lab: install
 	.venv/bin/statelab up $(TOPOLOGY)
 
+# unit, integration and self-tests once; then the conformance suite on every target whose
+# switch is installed (`statelab targets --why` says which and why not), each topology with
+# its own report directory: reports/<target>/<topology>/
 test: install
-	$(PY) -m pytest tests conformance --target $(TARGET) --report $(REPORT)
+	$(PY) -m pytest tests
+	@$(MAKE) --no-print-directory conformance
+
+conformance:
+	@status=0; for t in $$(.venv/bin/statelab targets); do \
+	  for topo in $(SUITE_TOPOLOGIES); do \
+	    out=$(REPORT)/$$t/$$(basename $$topo .yaml); \
+	    echo "== conformance suite on $$t, $$topo (report in $$out)"; \
+	    $(PY) -m pytest conformance --target $$t --topology $$topo --report $$out || status=1; \
+	  done; \
+	done; \
+	.venv/bin/statelab targets --why | grep -v ': ready$$' | sed 's/^/== not run: /'; \
+	exit $$status
 
 unit: install
 	$(PY) -m pytest tests -m "not root"
+
+# the P4 program's committed compiler outputs (needs p4c) and its PTF tests (needs bmv2)
+p4:
+	$(MAKE) -C p4
+
+ptf: install
+	$(MAKE) -C p4 ptf
 
 clean:
 	-.venv/bin/statelab clean

@@ -212,6 +212,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_targets(args: argparse.Namespace) -> int:
+    """Print the fabric kinds this machine can run (``--why``: every kind, and what is missing)."""
+    from statelab.fabric import fabric_class
+    for kind in specmod.FABRIC_KINDS:
+        try:
+            fabric_class(kind).setup()
+        except LabError as err:
+            if args.why:
+                print(f"{kind}: cannot run here: {err}")
+            continue
+        print(f"{kind}: ready" if args.why else kind)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``statelab`` command."""
     ap = argparse.ArgumentParser(prog="statelab", description=__doc__.splitlines()[0])
@@ -231,6 +245,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("validate", help="check topology files; print every problem with file:line")
     p.add_argument("files", nargs="+")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("targets", help="list the fabric kinds whose switch this machine has")
+    p.add_argument("--why", action="store_true", help="also list the others, with what is missing")
+    p.set_defaults(func=cmd_targets)
     args = ap.parse_args(argv)
     try:
         return args.func(args)
