@@ -26,6 +26,26 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
+# The P4 targets' switch and compiler (bmv2's simple_switch_grpc, p4c) are in no Debian
+# registry. On Ubuntu they come from p4lang's packages (the openSUSE Build Service repository
+# that p4lang/tutorials uses); elsewhere the bmv2 target is skipped unless they are on PATH.
+# STATELAB_NO_P4=1 skips this step.
+if [ "${STATELAB_NO_P4:-0}" != 1 ] && ! command -v simple_switch_grpc >/dev/null 2>&1; then
+    . /etc/os-release
+    if [ "${ID:-}" = ubuntu ]; then
+        repo="https://download.opensuse.org/repositories/home:/p4lang/xUbuntu_${VERSION_ID}"
+        echo "install.sh: installing bmv2 and p4c from p4lang's Ubuntu packages ($repo)"
+        apt-get install -y -qq --no-install-recommends curl gnupg ca-certificates >/dev/null
+        curl -fsSL "$repo/Release.key" | gpg --dearmor > /etc/apt/trusted.gpg.d/home_p4lang.gpg
+        echo "deb $repo/ /" > /etc/apt/sources.list.d/home_p4lang.list
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq p4lang-bmv2 p4lang-p4c >/dev/null
+    else
+        echo "install.sh: bmv2 (simple_switch_grpc) and p4c are not packaged for ${PRETTY_NAME:-this system}:" \
+             "the bmv2 target is skipped (Open vSwitch runs everywhere); see docs/targets.md to build them"
+    fi
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
     echo "install.sh: creating $venv"
     /usr/bin/python3 -m venv --system-site-packages "$venv"
