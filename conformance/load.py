@@ -25,6 +25,30 @@ EVENT_AT = 1.5
 UDP_FLOWS = 64
 UDP_RATE = 400.0
 TCP_CONNECTIONS = 12
+TCP_PPS = 80.0  # switch packets/s one echo-verified connection costs (1 KB each way every 50 ms, ACKs)
+
+
+@dataclass(frozen=True)
+class LoadProfile:
+    """How hard a check drives one chain: chosen per target from the switch's capacity, so a
+    slow software switch is never asked for a load it cannot carry (which would read as loss)."""
+
+    udp_rate: float
+    tcp_connections: int
+    switch_pps: float  # what the fabric must forward for it (every pass through the switch)
+
+    @classmethod
+    def for_chain(cls, fabric: Any, hops: int) -> "LoadProfile":
+        """The load for a chain of ``hops`` pools on ``fabric`` (its ``capacity_pps``: packets/s
+        it forwards loss-free, None for fast enough); half the capacity is kept in reserve."""
+        passes = 1 + hops  # in from the host, then back from every NF
+        capacity = getattr(fabric, "capacity_pps", None)
+        udp, tcp = UDP_RATE, TCP_CONNECTIONS
+        if capacity:
+            budget = capacity / 2 / passes
+            udp = min(UDP_RATE, round(budget / 2, 1))
+            tcp = max(2, min(TCP_CONNECTIONS, int(budget / 2 / TCP_PPS)))
+        return cls(udp, tcp, round(passes * (udp + tcp * TCP_PPS), 1))
 _ports = itertools.count(6000, 2)
 _sports = itertools.count(20000, 100)
 
@@ -140,6 +164,7 @@ class Load:
     nf_drops: dict[str, int]
     event_ms: float = 0.0
     started: frozenset[str] = frozenset()
+    profile: Optional[LoadProfile] = None
 
     def pool_packets(self) -> int:
         """Packets the followed instances received during the load (all of them together)."""
@@ -184,6 +209,9 @@ class Load:
             if errors:
                 f["tcp_errors"] = errors
         f["pool_packets"] = self.pool_packets()
+        if self.profile is not None:
+            f["offered_udp_pps"] = self.profile.udp_rate if self.udp is not None else 0
+            f["offered_switch_pps"] = self.profile.switch_pps
         if self.nf_drops:
             f["nf_drops"] = self.nf_drops
         return f
@@ -203,14 +231,16 @@ def under_load(ctx: Context, sc: Scenario, event: Callable[[], Any], follow: lis
     """
     lab = ctx.lab
     port = next(_ports)
+    hops = max(len(lab.topo.tenant(sc.tenant).chain(d)) for d in ("outbound", "inbound"))
+    profile = LoadProfile.for_chain(lab.fabric, hops)
     drops_before = drop_counters(lab)
     with Timeline(lab, follow) as tl:
         tl.sample()
         started = frozenset(tl.samples)
-        u = (UdpStream(lab, sc.client, sc.servers[0], sc.dst_ip, flows=UDP_FLOWS, rate=UDP_RATE,
+        u = (UdpStream(lab, sc.client, sc.servers[0], sc.dst_ip, flows=UDP_FLOWS, rate=profile.udp_rate,
                        duration=duration, port=port, first_sport=next(_sports))
              if udp and sc.udp else None)
-        t = (TcpStream(lab, sc.client, sc.servers[0], sc.dst_ip, connections=TCP_CONNECTIONS,
+        t = (TcpStream(lab, sc.client, sc.servers[0], sc.dst_ip, connections=profile.tcp_connections,
                        duration=duration, port=sc.tcp_port or port + 1, sinks=sc.servers,
                        sink_port=sc.server_port)
              if tcp else None)
@@ -222,7 +252,7 @@ def under_load(ctx: Context, sc: Scenario, event: Callable[[], Any], follow: lis
         tcp_res = t.result() if t else None
     after = drop_counters(lab)
     nf_drops = {k: n - drops_before.get(k, 0) for k, n in after.items() if n != drops_before.get(k, 0)}
-    return Load(udp_res, tcp_res, tl, event_at, event_result, nf_drops, event_ms, started)
+    return Load(udp_res, tcp_res, tl, event_at, event_result, nf_drops, event_ms, started, profile)
 
 
 def drop_counters(lab: Any) -> dict[str, int]:

@@ -119,6 +119,7 @@ class Fabric:
     kind: ClassVar[str] = ""
     package: ClassVar[str] = ""
     binaries: ClassVar[tuple[str, ...]] = ()
+    capacity_pps: ClassVar[Optional[float]] = None  # packets/s forwarded loss-free; None: fast enough
     name: str
     record: Optional["Record"] = None
     run_dir: Optional[Path] = None
