@@ -2,8 +2,9 @@
 
 ``with Lab(spec) as lab:`` builds, in order: the fabric switch, the tenant hosts, the
 management network (a Linux bridge joining the root namespace, the state server host and every
-NF host), the state server (a real ``redis-server`` with one ACL user per tenant), the NF pools,
-and finally the steering plan on the fabric. Leaving the block, by return, exception or Ctrl-C,
+NF host; NFs reach only the state server on it), the state servers (a real ``redis-server`` per
+tenant, its tenant's ACL user allowed only what NFs do), the NF pools (each NF as its tenant's
+own unprivileged uid), and finally the steering plan on the fabric. Leaving the block, by return, exception or Ctrl-C,
 tears all of it down. Everything created is written to a :class:`~statelab.record.Record` as it
 is created, so teardown ends exactly that by PID and name, even from another process
 (``statelab clean``) when the lab's owner died.
@@ -46,9 +47,9 @@ READY_TIMEOUT = 15.0
 
 # The state servers: one redis-server per tenant (docs/contracts.md, "State"). A tenant's user
 # may run exactly what the state client of nfs/state.py sends (GET, PTTL, SET [PX] [NX], INCRBY,
-# PEXPIRE, DEL; EVALSHA of the scripts the lab loads, after SCRIPT EXISTS), EXPIRE and EXISTS for
-# vendor NFs, and the connection commands of a client that caches (HELLO 3, CLIENT TRACKING and
-# CACHING): no EVAL, no SCRIPT LOAD, no channels.
+# PEXPIRE, DEL; EVALSHA of the scripts the lab loads), EXPIRE, EXISTS and SCRIPT EXISTS (which
+# redis-py's Script objects send) for vendor NFs, and the connection commands of a client that
+# caches (HELLO 3, CLIENT TRACKING and CACHING): no EVAL, no SCRIPT LOAD, no channels.
 TENANT_COMMANDS = ("get", "set", "pttl", "incrby", "pexpire", "expire", "del", "exists",
                    "evalsha", "script|exists", "ping", "hello", "client|tracking", "client|caching")
 STATE_MAXMEMORY = 64 << 20        # bytes of data per tenant; full: writes fail (noeviction)
