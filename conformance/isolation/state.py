@@ -10,7 +10,8 @@ records each lever's outcome:
   broadcast mode (no other tenant's key name arrives), a long-running script (the other
   tenants' GETs keep answering within an NF's timeout), filling memory (the tenant hits its own
   limit; the others still write);
-- ``allowed``: anything else. One allowed lever is a FAIL naming it.
+- ``allowed``: anything else. One allowed lever is a FAIL naming it;
+- ``n/a``: a lever that needs another tenant, in a lab of one.
 
 The positive half: each tenant's user does on its own keys what its NFs do, through the NFs'
 own state client (every operation of ``nfs.state``, the scripts by SHA), and client tracking in
@@ -454,7 +455,7 @@ def _heavy_script(p: Probe, lv: Levers, a: str, others: list[str], figures: dict
     import hashlib
     name = f"{a} EVALSHA replay window={HEAVY_WINDOW} (long-running allowed script)"
     if not others:
-        lv.record(name, "contained", "not run: no other tenant to measure")
+        lv.record(name, "n/a", "no other tenant whose GETs it could stall")
         return
     sha = hashlib.sha1(SCRIPTS["replay"].lua.encode()).hexdigest()
     base, _ = _while_running(p, others, 0.3)
@@ -521,8 +522,8 @@ def _fill_memory(p: Probe, lv: Levers, a: str, others: list[str], figures: dict[
         lv.record(name, "allowed", f"refused after {written >> 20} MB ({refused}); then {', '.join(blocked)} "
                                    f"could not write either")
     else:
-        lv.record(name, "contained", f"refused after {written >> 20} MB at its own limit ({refused.split()[0]}); "
-                                     f"{', '.join(others) or 'no other tenant'} still wrote")
+        lv.record(name, "contained", f"refused after {written >> 20} MB at its own limit ({refused.split()[0]})"
+                                     + (f"; {', '.join(others)} still wrote" if others else ""))
 
 
 @check("ISO-4")
@@ -573,7 +574,7 @@ def iso_4(ctx: Context) -> Result:
             except Exception:
                 pass
         p.lab.load_state_scripts()  # in case a lever flushed them
-    figures.update({"levers_tried": len(lv.outcomes), "refused": lv.count("refused"),
+    figures.update({"levers_tried": len(lv.outcomes) - lv.count("n/a"), "refused": lv.count("refused"),
                     "contained": lv.count("contained"), "allowed": len(lv.allowed),
                     "allowed_operations": lv.allowed, "own_operations_broken": broken,
                     "levers": lv.outcomes})
