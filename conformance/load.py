@@ -397,7 +397,8 @@ def udp_flow(inner: bytes) -> Optional[tuple[bytes, bytes]]:
 
 
 def flows_moved(tap: FabricTap, before: float, after: float, new: Optional[int] = None) -> dict[str, Any]:
-    """Which member each flow went to before ``before`` and after ``after`` (wall-clock times).
+    """Which member each flow went to before ``before`` and after ``after`` (wall-clock times):
+    the member that got most of its packets in each window.
 
     Args:
         tap: the capture.
@@ -405,18 +406,19 @@ def flows_moved(tap: FabricTap, before: float, after: float, new: Optional[int] 
         new: index in ``tap.instances`` of a member that joined between them.
 
     Returns:
-        figures: flows compared, flows moved, moved to the new member, moved between the old.
+        figures: flows compared, flows moved, moved to the new member, moved between the old,
+        and flows seen at more than one member within one window (split).
     """
-    seen: dict[Any, tuple[set[int], set[int]]] = {}
+    seen: dict[Any, tuple[dict[int, int], dict[int, int]]] = {}
     for idx, at, key, _ in tap.captured:
-        b, a = seen.setdefault(key, (set(), set()))
-        if at < before:
-            b.add(idx)
-        elif at > after:
-            a.add(idx)
-    compared = {k: v for k, v in seen.items() if v[0] and v[1]}
+        b, a = seen.setdefault(key, ({}, {}))
+        window = b if at < before else a if at > after else None
+        if window is not None:
+            window[idx] = window.get(idx, 0) + 1
+    compared = {k: (max(b, key=b.get), max(a, key=a.get)) for k, (b, a) in seen.items() if b and a}
     moved = [k for k, (b, a) in compared.items() if b != a]
-    to_new = [k for k in moved if new is not None and compared[k][1] == {new}]
+    to_new = [k for k in moved if new is not None and compared[k][1] == new]
     return {"flows_compared": len(compared), "flows_moved": len(moved), "flows_moved_to_new": len(to_new),
             "flows_moved_between_old": len(moved) - len(to_new),
+            "flows_split": sum(1 for b, a in seen.values() if len(b) > 1 or len(a) > 1),
             "flows_moved_fraction": round(len(moved) / len(compared), 3) if compared else None}

@@ -14,6 +14,9 @@ from typing import Any, Iterator
 
 import pytest
 
+from nfs.state import SCRIPTS
+from statelab.lab import tenant_acl
+
 TENANTS = ("red", "blue")
 
 
@@ -69,9 +72,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     d: Path = tmp_path_factory.mktemp("redis")
     port = _free_port()
     pw = {name: secrets.token_hex(8) for name in ("admin", *TENANTS)}
-    users = [f"user admin on >{pw['admin']} ~* &* +@all"] + [
-        f"user tenant-{t} on >{pw[t]} resetkeys ~t:{t}:* resetchannels +@all -@admin -@dangerous -scan -randomkey"
-        for t in TENANTS]
+    users = [f"user admin on >{pw['admin']} ~* &* +@all"] + [tenant_acl(t, pw[t]) for t in TENANTS]  # the lab's
     conf = d / "redis.conf"
     conf.write_text("\n".join(["bind 127.0.0.1", f"port {port}", 'save ""', "appendonly no",
                                f"dir {d}", "user default off", *users, ""]))
@@ -88,6 +89,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
                 raise RuntimeError(f"redis-server did not start (exit {proc.poll()}): "
                                    f"{(d / 'redis.log').read_text()[-2000:]}")
             time.sleep(0.05)
+    for script in SCRIPTS.values():  # as the lab does: tenants may run the NFs' scripts, not load them
+        server.admin().script_load(script.lua)
     yield server
     proc.terminate()
     proc.wait(10)

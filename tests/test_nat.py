@@ -20,7 +20,7 @@ from scapy.packet import Raw, fuzz
 from nfs import nsh, packet
 from nfs.nat import CONFIG_SCHEMA, Nat
 from nfs.runtime import Drop
-from nfs.state import SCRIPTS, LocalState, StateUnavailable
+from nfs.state import LocalState, StateUnavailable
 from tests.nfharness import nsh_frame
 
 PUB, PUB2 = "203.0.113.1", "203.0.113.2"
@@ -256,9 +256,6 @@ def test_a_batch_of_new_flows_takes_few_round_trips(pool) -> None:
     nf = pool.nat()
     flows = [frame(udp_out(IN1, 10000 + i), OUT) for i in range(64)]
     trips, ops = nf.state.round_trips, nf.state.ops
-    if pool.backend == "redis":  # as the lab does: the NFs' scripts are loaded before they run
-        for script in SCRIPTS.values():
-            pool.redis.admin().script_load(script.lua)
     with (pool.redis.seen() if pool.backend == "redis" else contextlib.nullcontext({})) as server:
         first = [src_of(v) for v in nf.process(flows)]
     assert nf.state.round_trips - trips <= 4  # read, claim, publish (+1 if two flows collided)
