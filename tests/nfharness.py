@@ -12,6 +12,11 @@ sends (``tx``) and rewrites its counters file several times a second with the ti
 last frame was sent that counts all frames sent; :meth:`NFProcess.receive` then reads exactly
 the ``tx`` frames the NF sent back. A slow machine makes a test slower, not wrong; past the
 deadline the test fails naming the NF and showing the tail of its log.
+
+Each NFProcess writes a token of its own into the last context word (C4) of every NSH frame it
+sends; an NF keeps the NSH header in what it sends back, so a frame coming back without the
+token was never sent by the test: some other process put it on this veth. That fails the test
+with the frame shown, instead of passing for an extra reply.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from nfs import nsh
 
 REPO = Path(__file__).resolve().parents[1]
 FABRIC_MAC = bytes.fromhex("025e00000001")
+_C4 = slice(14 + 8 + 12, 14 + 8 + 16)  # the last context word of an MD type 1 NSH header
 DEADLINE = 20.0  # seconds an NF may take to show it processed what it was sent
 _serial = itertools.count(1)
 
@@ -91,6 +97,7 @@ class NFProcess:
         self.sent = 0          # frames sent to the NF
         self.sent_at = 0.0     # wall-clock time of the last one (the counters' "updated" clock)
         self.received = 0      # NSH frames read back from the NF
+        self.token = secrets.token_bytes(4)
         deadline = time.monotonic() + 15
         while not self.counters_path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -99,6 +106,8 @@ class NFProcess:
             time.sleep(0.02)
 
     def send(self, frame: bytes) -> None:
+        if frame[12:14] == b"\x89\x4f" and len(frame) >= _C4.stop and frame[16] == 1:
+            frame = frame[:_C4.start] + self.token + frame[_C4.stop:]  # MD type 1: mark it ours
         self.sock.send(frame)
         self.sent += 1
         self.sent_at = time.time()
@@ -153,6 +162,11 @@ class NFProcess:
             if addr[2] != socket.PACKET_OUTGOING and data[12:14] == b"\x89\x4f":
                 out.append(data)  # only NSH: what an NF sends back
         self.received += len(out)
+        foreign = [f for f in out if f[_C4] != self.token]
+        if foreign:
+            raise self._fail(f"sent back {len(foreign)} of {len(out)} frames that no frame of this test "
+                             f"caused (NSH C4 is not {self.token.hex()}): another process sent into "
+                             f"veth {self.ours}; the first: {foreign[0][:80].hex()}")
         return out
 
     def exchange(self, inner: bytes, deadline: float = DEADLINE, **nsh_fields: Any) -> Optional[nsh.NshFrame]:
