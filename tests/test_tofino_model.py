@@ -7,6 +7,7 @@ unverified against the model, docs/targets.md)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from statelab.errors import LabError, MissingDependency
+from statelab.errors import LabError, MissingDependency, ProcessFailed
 from statelab.fabric import fabric_class
 from statelab.fabric import tofino_model as tm
 from statelab.fabric.bmv2 import P4_INFO, P4_JSON
@@ -317,7 +318,7 @@ def test_attach_wire_joins_a_lab_interface_to_a_device_port_both_ways():
     nf, lab, model, wire_end = f"tmn{tag}", f"tml{tag}", f"tmm{tag}", f"tmw{tag}"
     subprocess.run(["ip", "link", "add", nf, "type", "veth", "peer", "name", lab], check=True)
     try:
-        tm.make_port_pair(model, wire_end, mtu=1600)
+        tm.make_port_pairs([(model, wire_end)], mtu=1600)
         for name in (nf, lab):
             subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], check=True)
             subprocess.run(["ip", "link", "set", name, "mtu", "1600", "up"], check=True)
@@ -336,6 +337,117 @@ def test_attach_wire_joins_a_lab_interface_to_a_device_port_both_ways():
     finally:
         for name in (nf, model):
             subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+# -- starting, with stand-ins for the two programs (root: a Mininet switch, veths) ----------
+
+FAKE_MODEL = "#!/bin/sh\necho \"model: $*\"\n{body}\n"
+FAKE_SWITCHD = "#!/bin/sh\necho \"switchd: $*\"\n{body}\n"
+
+
+@pytest.fixture
+def stand_ins(tmp_path, monkeypatch):
+    """Put stand-ins for tofino-model and bf_switchd on PATH; returns a function that writes
+    what each does."""
+    bindir = tmp_path / "sde" / "bin"
+    bindir.mkdir(parents=True)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SDE_INSTALL", str(tmp_path / "sde"))
+
+    def write(model: str, switchd: str) -> None:
+        for name, text in (("tofino-model", FAKE_MODEL.format(body=model)),
+                           ("bf_switchd", FAKE_SWITCHD.format(body=switchd))):
+            (bindir / name).write_text(text)
+            (bindir / name).chmod(0o755)
+    return write
+
+
+@pytest.fixture
+def fabric(tmp_path, monkeypatch):
+    """A TofinoModelFabric with one linked NF port (so it makes 1 + 15 device ports), bound to
+    a record of its own; afterwards nothing of it may be left."""
+    from mininet.link import Intf
+    # Mininet runs setup() when the first switch of a class is made; it wants the compiled
+    # program in p4/build, this switch is given a stand-in elsewhere
+    monkeypatch.setattr(tm.TofinoModelFabric, "isSetup", True, raising=False)
+
+    from statelab.lab import NF_PORT_BASE
+    from statelab.record import Record, alive
+    tag = os.urandom(2).hex()
+    name, lab_end, nf_end = f"q{tag}", f"q{tag}-p{NF_PORT_BASE}", f"q{tag}nf"
+    sw = tm.TofinoModelFabric(name, p4_build=_fake_build(tmp_path).directory, log_dir=tmp_path / "logs",
+                              start_timeout=3, dpid="3", inNamespace=False)
+    record = Record(lab="t", owner=os.getpid(), owner_start=None, run_dir=str(tmp_path))
+    try:
+        subprocess.run(["ip", "link", "add", lab_end, "type", "veth", "peer", "name", nf_end], check=True)
+        Intf(lab_end, node=sw, port=NF_PORT_BASE)
+        sw.bind(record, tmp_path)
+        yield sw
+    finally:
+        sw.stop()
+        sw.terminate()
+        subprocess.run(["ip", "link", "del", nf_end], capture_output=True)
+        left = [p.what for p in record.processes if alive(p.pid, p.start)]
+        left += [i for i in record.interfaces if Path(f"/sys/class/net/{i}").exists()]
+        assert not left, f"left behind: {left}"
+
+
+@pytest.mark.root
+@root
+def test_a_driver_that_exits_is_reported_with_code_command_and_log(stand_ins, fabric):
+    stand_ins("exec sleep 60", "echo 'ERROR: no device found'; exit 3")
+    with pytest.raises(ProcessFailed) as err:
+        fabric.start()
+    text = str(err.value)
+    assert err.value.code == 3
+    assert "bf_switchd of fabric" in text and "--p4rt-server 127.0.0.1:" in text and "--skip-p4" in text
+    assert "ERROR: no device found" in text                   # its log's tail
+    assert "model: --chip-type 2" in text                     # and the model's
+    assert Path(fabric.build.directory).exists() and not fabric.processes()
+    ports = list((fabric.log_dir).glob("*-ports.json"))
+    assert len(json.loads(ports[0].read_text())["PortToIf"]) == 16   # 1 linked + 15 spares
+
+
+@pytest.mark.root
+@root
+def test_a_model_that_exits_is_reported(stand_ins, fabric):
+    stand_ins("echo 'Invalid port 72 in PortToVeth mapping'; exit 1", "exec sleep 60")
+    with pytest.raises(ProcessFailed) as err:
+        fabric.start()
+    assert err.value.code == 1 and "tofino-model of fabric" in str(err.value)
+    assert "Invalid port 72" in str(err.value)
+
+
+@pytest.mark.root
+@root
+def test_a_device_that_never_gets_ready_times_out_with_both_logs(stand_ins, fabric):
+    stand_ins("exec sleep 60", "echo 'waiting for the model'; exec sleep 60")
+    with pytest.raises(ProcessFailed) as err:
+        fabric.start()
+    text = str(err.value)
+    assert err.value.code is None
+    assert "did not report device 0 ready on status port" in text and "within 3s" in text
+    assert "waiting for the model" in text and "model: --chip-type" in text
+
+
+STATUS_READY = """port=$(echo "$@" | sed 's/.*--status-port \\([0-9]*\\).*/\\1/')
+exec python3 -c "
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(4)
+while True:
+    c, _ = s.accept(); c.recv(1); c.sendall(b'1'); c.close()
+" $port"""
+
+
+@pytest.mark.root
+@root
+def test_a_ready_device_without_p4runtime_is_reported(stand_ins, fabric):
+    stand_ins("exec sleep 60", STATUS_READY)
+    with pytest.raises(ProcessFailed) as err:
+        fabric.start()
+    assert "did not accept the program within 3s" in str(err.value)
+    assert "UNAVAILABLE" in str(err.value)
 
 
 # -- on the model (root, open-p4studio) -----------------------------------------------------

@@ -81,6 +81,7 @@ P4RT_DEVICE_ID = 0                # bf_switchd's PI device: the P4Runtime device
 DEVICE_STATUS_READY = b"1"
 HUGEPAGES_WANTED = 196            # what open-p4studio's run_switchd.sh sets up for DMA
 IFNAMSIZ = 15
+PORT_MAP_PATH_MAX = 250           # tofino-model copies -f into char[250]; a path with "None" means none
 
 
 # -- chips and their ports ----------------------------------------------------------------
@@ -489,15 +490,29 @@ def _run(args: Sequence[str], what: str) -> None:
                        f"{proc.stderr.strip()}")
 
 
-def make_port_pair(model_end: str, wire_end: str, mtu: int = 1500) -> None:
-    """Create a veth pair for one device port, up, no IPv6 (so the kernel sends nothing on it),
-    TX checksum offload off (the model reads what a raw socket gets)."""
-    _run(["ip", "link", "add", model_end, "mtu", str(mtu), "type", "veth", "peer", "name", wire_end,
-          "mtu", str(mtu)], f"creating device port {model_end}")
-    for name in (model_end, wire_end):
-        subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], capture_output=True)
-        subprocess.run(["ethtool", "-K", name, "tx", "off"], capture_output=True)
-        _run(["ip", "link", "set", name, "up"], f"bringing {name} up")
+def make_port_pairs(pairs: Sequence[tuple[str, str]], mtu: int = 1500) -> None:
+    """Create one veth pair per device port (model end, wire end): up, no IPv6 (so the kernel
+    sends nothing on them), TX checksum offload off (the model reads what a raw socket gets).
+
+    Raises:
+        LabError: ``ip`` refused (the message names the first failing line).
+    """
+    if not pairs:
+        return
+    lines = [f"link add {t} mtu {mtu} type veth peer name {w} mtu {mtu}" for t, w in pairs]
+    _ip_batch(lines, "creating the model's device ports")
+    for t, w in pairs:
+        for name in (t, w):
+            with contextlib.suppress(OSError):
+                Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
+            subprocess.run(["ethtool", "-K", name, "tx", "off"], capture_output=True)
+    _ip_batch([f"link set {name} up" for pair in pairs for name in pair], "bringing the device ports up")
+
+
+def _ip_batch(lines: Sequence[str], what: str) -> None:
+    proc = subprocess.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n", capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"{what}: `ip -batch` failed (exit code {proc.returncode}): {proc.stderr.strip()}")
 
 
 def wire(a: str, b: str) -> None:
@@ -637,6 +652,9 @@ class TofinoModelFabric(Fabric, Switch):
             self.steering.p4_build = self.build.stage(logs / f"{self.name}-pipeline")
             self.ports_in_use = allocate_ports()
             port_map_file = logs / f"{self.name}-ports.json"
+            if len(str(port_map_file)) >= PORT_MAP_PATH_MAX or "None" in str(port_map_file):
+                raise LabError(f"fabric {self.name}: tofino-model takes a port map path of fewer than "
+                               f"{PORT_MAP_PATH_MAX} characters without \"None\" in it: {port_map_file}")
             port_map_file.write_text(json.dumps(self.port_map.to_json(), indent=1) + "\n")
             conf = logs / f"{self.name}-switchd.conf"
             conf.write_text(json.dumps(switchd_conf(self.chip), indent=1) + "\n")
@@ -657,11 +675,11 @@ class TofinoModelFabric(Fabric, Switch):
     def _make_ports(self, linked: Mapping[int, str]) -> None:
         assert self.port_map is not None
         mtu = max([1500, *(_mtu(n) for n in linked.values())])   # NF links carry NSH: 1600
-        for dev in self.port_map.device_ports():
-            t, w = self.port_map.model_intf(dev), self.port_map.wire_intf(dev)
-            if self.record is not None:
+        pairs = [(self.port_map.model_intf(d), self.port_map.wire_intf(d)) for d in self.port_map.device_ports()]
+        if self.record is not None:
+            for t, _w in pairs:
                 self.record.add_interface(t)   # deleting one end deletes the pair
-            make_port_pair(t, w, mtu)
+        make_port_pairs(pairs, mtu)
         for port, dev in self.port_map.assigned.items():
             _ip("link", "set", linked[port], "up")
             wire(linked[port], self.port_map.wire_intf(dev))
@@ -674,9 +692,11 @@ class TofinoModelFabric(Fabric, Switch):
         for port in list(self._device_of):
             if port in self.intfs:
                 unwire(self.intfs[port].name)
-        for dev in self.port_map.device_ports():
-            if Path(f"/sys/class/net/{self.port_map.model_intf(dev)}").exists():
-                _ip("link", "del", self.port_map.model_intf(dev))
+        names = [self.port_map.model_intf(d) for d in self.port_map.device_ports()]
+        existing = [n for n in names if Path(f"/sys/class/net/{n}").exists()]
+        if existing:
+            subprocess.run(["ip", "-force", "-batch", "-"], input="".join(f"link del {n}\n" for n in existing),
+                           capture_output=True, text=True)
         self._device_of.clear()
         self._free.clear()
 
