@@ -204,7 +204,7 @@ parser SteeringIngressParser(packet_in packet, out headers_t hdr, out metadata_t
         meta.from_nf = 0;
         meta.delivering = 0;
         meta.flooding = 0;
-        transition select(packet.lookahead<ethernet_t>().ether_type) {
+        transition select(packet.lookahead<bit<112>>()[15:0]) {   /* the first EtherType */
             ETHERTYPE_NSH: parse_outer;
             default: parse_eth;
         }
