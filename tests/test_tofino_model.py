@@ -32,6 +32,65 @@ def test_the_driver_is_registered_under_its_kind():
     assert fabric_class("tofino-model") is tm.TofinoModelFabric
 
 
+# -- the TNA program keeps steering.p4's control-plane names ----------------------------------
+
+P4_DIR = REPO / "p4"
+
+
+def _control_plane(path: Path) -> dict[str, object]:
+    """What a P4Runtime controller of the program sees, read from its source: actions and
+    their parameters, tables with their keys and actions, counters with their sizes, drop
+    reasons."""
+    import re
+    text = re.sub(r"/\*.*?\*/", "", path.read_text(), flags=re.S)
+    actions = {m[1]: tuple(" ".join(p.split()) for p in m[2].split(",") if p.strip())
+               for m in re.finditer(r"\baction (\w+)\(([^)]*)\)", text)}
+    tables = {}
+    for m in re.finditer(r"\btable (\w+) \{(.*?)\n    \}", text, flags=re.S):
+        body = m[2]
+        keys = tuple(re.findall(r":\s*(\w+)\s*@name\(\"(\w+)\"\)", body))
+        acts = tuple(a.strip() for a in re.search(r"actions = \{([^}]*)\}", body)[1].split(";") if a.strip())
+        default = re.search(r"default_action = ([^;]+);", body)[1]
+        size = re.search(r"size = (\d+);", body)[1]
+        tables[m[1]] = (keys, acts, default, size)
+    counters = dict(re.findall(r"\b(?:counter|Counter<.+?>)\((\w+),[^)]*\) (\w+);", text))
+    counters = {name: size for size, name in counters.items()}
+    drops = dict(re.findall(r"const bit<32> (DROP_\w+|N_DROP_REASONS)\s*= (\d+);", text))
+    return {"actions": actions, "tables": tables, "counters": counters, "drops": drops}
+
+
+def test_tna_program_has_steering_p4s_tables_actions_and_counters():
+    v1, tna = _control_plane(P4_DIR / "steering.p4"), _control_plane(P4_DIR / "steering_tna.p4")
+    assert v1["tables"] and v1["actions"] and v1["counters"], "the parser of this test found nothing"
+    assert tna == v1
+
+
+def _tna_p4include() -> Path | None:
+    """A directory with TNA's architecture files (tna.p4): installed by a p4c built with its
+    Tofino back end (open-p4studio's), or named by STATELAB_TNA_P4INCLUDE (p4c's source tree
+    has them in backends/tofino/bf-p4c/p4include)."""
+    candidates = [os.environ.get("STATELAB_TNA_P4INCLUDE", "")]
+    if os.environ.get("SDE_INSTALL"):
+        candidates.append(f"{os.environ['SDE_INSTALL']}/share/p4c/p4include")
+    candidates += ["/usr/local/share/p4c/p4include", "/usr/share/p4c/p4include"]
+    return next((Path(c) for c in candidates if c and (Path(c) / "tna.p4").is_file()), None)
+
+
+@pytest.mark.parametrize("target", [1, 2])
+def test_tna_program_passes_p4cs_front_and_mid_end(target, tmp_path):
+    """p4test: syntax, types, TNA's signatures (tna.p4 for Tofino, t2na.p4 for Tofino 2) --
+    nothing of what only bf-p4c decides (resources, placement)."""
+    if shutil.which("p4test") is None:
+        pytest.skip("p4test (p4c) is not installed")
+    include = _tna_p4include()
+    if include is None:
+        pytest.skip("no tna.p4 (p4c's Tofino back end); set STATELAB_TNA_P4INCLUDE to "
+                    "<p4c>/backends/tofino/bf-p4c/p4include")
+    proc = subprocess.run(["p4test", "--std", "p4-16", "-I", str(include), f"-D__TARGET_TOFINO__={target}",
+                           str(P4_DIR / "steering_tna.p4")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # -- ports ---------------------------------------------------------------------------------
 
 
