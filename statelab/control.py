@@ -12,6 +12,8 @@ carry its flows; that is the whole fail-over, because no instance holds state of
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import threading
 import time
@@ -174,8 +176,25 @@ class Controller:
             self._watch = None
 
     def _run_watch(self) -> None:
-        while not self._stop.wait(WATCH_INTERVAL):
-            try:
-                self.check()
-            except Exception as err:  # keep watching; the lab's owner sees the error in status
-                self._event(f"watch-error: {err}", "")
+        """Wait on the instances' processes themselves (a pidfd each: readable the moment the
+        process exits), so a death is seen at once; :data:`WATCH_INTERVAL` only bounds how
+        late a new instance joins the watched set."""
+        fds: dict[int, int] = {}  # pid -> pidfd
+        try:
+            while not self._stop.is_set():
+                live = {i.proc.pid for i in self.lab.iter_instances() if i.in_pool}
+                for pid in set(fds) - live:
+                    os.close(fds.pop(pid))
+                for pid in live - set(fds):
+                    try:
+                        fds[pid] = os.pidfd_open(pid)
+                    except OSError:  # already gone (reaped): check() below sees it
+                        pass
+                select.select(list(fds.values()), [], [], WATCH_INTERVAL)
+                try:
+                    self.check()
+                except Exception as err:  # keep watching; the lab's owner sees the error in status
+                    self._event(f"watch-error: {err}", "")
+        finally:
+            for fd in fds.values():
+                os.close(fd)
