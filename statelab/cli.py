@@ -64,12 +64,22 @@ def tenants_table(topo: "specmod.Topology") -> str:
     return "\n".join(rows)
 
 
-def run_cli(lab) -> None:
-    """The Mininet CLI with statelab's commands."""
+def run_cli(lab, script: Optional[Path] = None) -> None:
+    """The Mininet CLI with statelab's commands (``script``: run its lines, then return)."""
     from mininet.cli import CLI
 
     class StatelabCLI(CLI):
         prompt = "statelab> "
+
+        def onecmd(self, line: str) -> bool:
+            """Any command's error is one line; the lab stays up."""
+            try:
+                return CLI.onecmd(self, line)
+            except LabError as err:
+                print(f"error: {err}")
+            except Exception as err:  # a bug must not take the lab down with it
+                print(f"error: {type(err).__name__}: {err}")
+            return False
 
         def do_tenants(self, _line: str) -> None:
             """tenants: list tenants, their hosts and NF chains."""
@@ -86,38 +96,37 @@ def run_cli(lab) -> None:
                 print("usage: scale TENANT POOL +N|-N   (e.g. scale red fw +1)")
                 return
             n = int(args[2])
-            try:
-                if n > 0:
-                    done = [i.id for i in lab.control.scale_out(args[0], args[1], n)]
-                    print("added: " + ", ".join(done))
-                elif n < 0:
-                    print("removed: " + ", ".join(lab.control.scale_in(args[0], args[1], -n)))
-            except LabError as err:
-                print(f"error: {err}")
+            if n == 0:
+                print("nothing to do: give +N to add or -N to remove instances")
+            elif n > 0:
+                print("added: " + ", ".join(i.id for i in lab.control.scale_out(args[0], args[1], n)))
+            else:
+                print("removed: " + ", ".join(lab.control.scale_in(args[0], args[1], -n)))
 
         def do_kill(self, line: str) -> None:
             """kill INSTANCE: SIGKILL an NF instance; its pool fails over to the survivors."""
             if not line.strip():
                 print("usage: kill INSTANCE   (see `pools` for instance ids)")
                 return
-            try:
-                inst = lab.control.instance(line.strip())
-                lab.control.kill(inst.id)
-                left = [i.id for i in lab.pool_instances(inst.tenant.name, inst.pool.name)]
-                print(f"killed {inst.id}; pool {inst.tenant.name}/{inst.pool.name} now: {', '.join(left)}")
-            except LabError as err:
-                print(f"error: {err}")
+            inst = lab.control.instance(line.strip())
+            lab.control.kill(inst.id)
+            left = [i.id for i in lab.pool_instances(inst.tenant.name, inst.pool.name)]
+            print(f"killed {inst.id}; pool {inst.tenant.name}/{inst.pool.name} now: {', '.join(left)}")
 
         def do_counters(self, line: str) -> None:
             """counters [INSTANCE]: full counters (JSON) of one or every instance."""
-            for inst in lab.iter_instances():
-                if not line.strip() or inst.id == line.strip():
-                    print(json.dumps(inst.counters(), indent=1))
+            wanted = [lab.control.instance(line.strip())] if line.strip() else lab.iter_instances()
+            for inst in wanted:
+                print(json.dumps(inst.counters(), indent=1))
 
     from mininet.log import setLogLevel
     setLogLevel("output")  # the Mininet CLI prints command output at this level
     print("statelab: extra commands: tenants, pools, scale TENANT POOL +N|-N, kill INSTANCE, counters")
-    StatelabCLI(lab.net)
+    if script is None:
+        StatelabCLI(lab.net)
+        return
+    with open(os.devnull) as stdin:
+        StatelabCLI(lab.net, stdin=stdin, script=str(script))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -259,6 +268,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `statelab status | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

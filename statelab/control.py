@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 WATCH_INTERVAL = 0.05
 DRAIN_GRACE = 0.3
 STOP_TIMEOUT = 5.0
+MAX_INSTANCES = 16  # per pool, as the topology schema allows
 
 
 class Controller:
@@ -46,7 +47,10 @@ class Controller:
     # -- looking up --------------------------------------------------------------------
 
     def _pool(self, tenant: str, pool: str):
-        t = self.lab.topo.tenant(tenant)
+        try:
+            t = self.lab.topo.tenant(tenant)
+        except KeyError:
+            raise LabError(f"no tenant {tenant!r}; tenants: {', '.join(x.name for x in self.lab.topo.tenants)}") from None
         for p in t.pools:
             if p.name == pool:
                 return t, p
@@ -77,6 +81,12 @@ class Controller:
             The new instances.
         """
         t, p = self._pool(tenant, pool)
+        if count < 1:
+            raise LabError(f"scale out by {count}: give a number of instances from 1")
+        have = len([i for i in self.lab.pool_instances(tenant, pool) if i.in_pool])
+        if have + count > MAX_INSTANCES:
+            raise LabError(f"pool {tenant}/{pool} has {have} instance(s); it may have at most "
+                           f"{MAX_INSTANCES} (the topology's limit), so at most +{MAX_INSTANCES - have} now")
         added = []
         with self.lock:
             for _ in range(count):
