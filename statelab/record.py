@@ -33,9 +33,13 @@ def proc_start_time(pid: int) -> Optional[int]:
 
 
 def alive(pid: int, start: Optional[int]) -> bool:
-    """True if ``pid`` is still the process that was recorded with ``start``."""
+    """True if ``pid`` is still the process that was recorded with ``start``.
+
+    A process recorded without a start time (it had already exited when it was recorded) is
+    never ours again: whatever has its PID now is some other process, never to be signalled.
+    """
     now = proc_start_time(pid)
-    return now is not None and (start is None or now == start)
+    return now is not None and start is not None and now == start
 
 
 @dataclass
