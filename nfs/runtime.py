@@ -229,7 +229,7 @@ class Runtime:
                 log.error("%s: %s; dropping packets until it is back (fail closed)", self.nf.instance, err)
                 self.state_down = True
             for _ in parsed:
-                c.drop("state_unavailable")
+                c.drop(err.reason)
             return
         except Exception:  # an NF bug must cost the batch, never the process
             log.exception("%s: NF raised on a batch of %d", self.nf.instance, len(parsed))

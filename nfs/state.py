@@ -26,7 +26,17 @@ from urllib.parse import urlparse
 
 
 class StateUnavailable(Exception):
-    """The state server could not be reached; no packet of the batch may be forwarded."""
+    """The state server could not be reached, or refused the batch; no packet of the batch
+    may be forwarded (fail closed).
+
+    Args:
+        message: what happened, for the one log line.
+        reason: the drop reason the packets are counted under.
+    """
+
+    def __init__(self, message: str, reason: str = "state_unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 _UNSET = object()
@@ -325,8 +335,8 @@ class RedisState(StateClient):
         except self._redis_errors as err:
             raise StateUnavailable(f"state server unreachable: {err}") from None
         for r in results:
-            if isinstance(r, Exception):
-                raise r  # e.g. NoPermissionError: the server refused this user the operation
+            if isinstance(r, Exception):  # NOPERM, BUSY, OOM, ...: the server refused the batch
+                raise StateUnavailable(f"state server refused an operation: {r}", "state_refused")
         return [bool(r) if op in ("set", "expire") else r for (op, _, _), r in zip(ops, results)]
 
     def _load_and_rerun(self, ops: list[tuple[str, tuple[Any, ...], Ref]], results: list[Any],

@@ -72,8 +72,9 @@ def test_tenant_user_cannot_touch_other_tenants_keys(redis_clean) -> None:
         with pytest.raises(redis.exceptions.NoPermissionError):
             op()
     blue = RedisState(redis_clean.url("red"), "blue", "fw")  # red's credentials, blue's prefix
-    with pytest.raises(redis.exceptions.NoPermissionError):
+    with pytest.raises(StateUnavailable, match="NOPERM|no permissions") as refused:
         run(blue, lambda b: [b.get("x")])
+    assert refused.value.reason == "state_refused"  # fail closed, counted under its own reason
 
 
 def test_unreachable_server_raises_state_unavailable() -> None:
