@@ -56,7 +56,11 @@ if [ ! -f "$stamp" ] || [ "$top/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/pip" install -q --disable-pip-version-check -e "$top[test]"
     touch "$stamp"
 fi
-ln -sf "$venv/bin/statelab" /usr/local/bin/statelab
+old_link=$(readlink /usr/local/bin/statelab 2>/dev/null || true)
+if [ "$old_link" != "$venv/bin/statelab" ]; then
+    [ -n "$old_link" ] && echo "install.sh: /usr/local/bin/statelab pointed at $old_link; it now runs this clone ($top)"
+    ln -sf "$venv/bin/statelab" /usr/local/bin/statelab
+fi
 
 if ! ovs-vsctl -t 2 show >/dev/null 2>&1 || ! ovs-appctl -t ovs-vswitchd version >/dev/null 2>&1; then
     echo "install.sh: starting Open vSwitch"
