@@ -331,6 +331,10 @@ _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+MAX_BYTES = 1 << 20     # a topology file's size limit
+MAX_NODES = 200_000     # values a topology may expand to (aliases included)
+
+
 class _LineLoader(yaml.SafeLoader):
     """A SafeLoader that records where every key and item starts and which keys repeat.
 
@@ -347,6 +351,7 @@ class _LineLoader(yaml.SafeLoader):
         self.duplicates: list[tuple[_Path, int, int]] = []
         self._merged: dict[int, int] = {}  # id(mapping node) -> number of merged entries
         self._open: set[int] = set()  # ids of the nodes being built, to stop self-aliases
+        self._built = 0  # values built so far, aliases counted each time they are expanded
 
     def document(self) -> Any:
         """Build the single document of the stream (None if there is none)."""
@@ -357,6 +362,11 @@ class _LineLoader(yaml.SafeLoader):
         return self._build(node, ())
 
     def _build(self, node: yaml.Node, path: _Path) -> Any:
+        self._built += 1
+        if self._built > MAX_NODES:  # aliases of aliases ("billion laughs") grow without end
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the topology expands to more than {MAX_NODES} values (aliases of "
+                f"aliases?)", node.start_mark)
         is_map = isinstance(node, yaml.MappingNode) and node.tag == _MAP_TAG
         if not is_map and not (isinstance(node, yaml.SequenceNode) and node.tag == _SEQ_TAG):
             return self.construct_object(node, deep=True)
@@ -411,6 +421,9 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 def _check(text: str, file: str) -> tuple[list[Problem], Any, Mapping[_Path, int]]:
     """Parse and check one topology text; return its problems, its data and its lines."""
+    if len(text) > MAX_BYTES:
+        return [Problem(file, 1, f"the file is {len(text)} characters long; a topology may have "
+                        f"at most {MAX_BYTES}", "split it, or check that this is the topology file")], None, {}
     try:
         loader = _LineLoader(text)
         try:
@@ -439,6 +452,9 @@ def _yaml_problem(exc: Exception, text: str, file: str) -> Problem:
     detail = getattr(exc, "problem", None) or str(exc).split("\n")[0]
     context = getattr(exc, "context", None)
     detail = f"{context}, {detail}" if context else detail
+    if "expands to more than" in detail:
+        return Problem(file, line, f"too large: {detail}", "use each alias where it is needed, not "
+                       "inside other aliases")
     return Problem(file, line, f"not valid YAML: {detail}", _YAML_HINT)
 
 

@@ -510,3 +510,24 @@ def test_vlan_out_of_range(problem) -> None:
     found = problem(edit("r1: {ip: 10.0.0.1/24, zone: inside}", "r1: {ip: 10.0.0.1/24, trunk: site1, vlan: 4095}"))
     assert found.line == 8
     assert "VLAN id from 1 to 4094" in found.hint
+
+
+# ------------------------------------------------------------------------------ bounded work
+
+
+def test_aliases_of_aliases_are_refused_at_their_line(tmp_path: Path) -> None:
+    lines = ["name: lol", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 20)]
+    path = tmp_path / "lol.yaml"
+    path.write_text("\n".join(lines + ["tenants: {}"]) + "\n")
+    problems = validate(path)             # returns at once: 10**20 values are never built
+    assert len(problems) == 1
+    assert problems[0].message.startswith("too large: the topology expands to more than")
+    assert 2 <= problems[0].line <= 21
+
+
+def test_a_huge_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_text("name: big\n" + "# padding\n" * 200_000)
+    (found,) = validate(path)
+    assert (found.line, found.message) == (1, "the file is 2000010 characters long; a topology may have at most 1048576")
