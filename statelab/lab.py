@@ -725,10 +725,13 @@ class Lab:
         while not inst.counters():
             if inst.proc.poll() is not None:
                 command = " ".join(inst.pool.command) if inst.pool.command else f"python -m nfs.{inst.pool.kind}"
-                raise ProcessFailed(f"NF {inst.id} ({command} ...)", inst.proc.returncode, _tail(inst.log_path))
-            if time.monotonic() > deadline:
-                raise ProcessFailed(f"NF {inst.id} (not ready after {READY_TIMEOUT:.0f}s)", None,
+                raise ProcessFailed(f"NF {inst.id} ({command} ...; pool {inst.tenant.name}/{inst.pool.name} at "
+                                    f"{self.topo.source}:{inst.pool.line})", inst.proc.returncode,
                                     _tail(inst.log_path))
+            if time.monotonic() > deadline:
+                raise ProcessFailed(f"NF {inst.id} (not ready after {READY_TIMEOUT:.0f}s; pool "
+                                    f"{inst.tenant.name}/{inst.pool.name} at {self.topo.source}:{inst.pool.line})",
+                                    None, _tail(inst.log_path))
             time.sleep(0.05)
 
     def remove_instance(self, inst: Instance) -> None:

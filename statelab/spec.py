@@ -23,6 +23,7 @@ import ipaddress
 import json
 import os
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -495,6 +496,11 @@ def _check_schema(data: Any, report: _Report) -> None:
                         f"{item!r} appears twice in this chain",
                         "a chain passes each pool once; remove the repeat",
                     )
+        elif keyword == "type" and "string" in str(error.validator_value) and isinstance(value, (bool, int, float)):
+            what = _FIELDS.get(_role(path), ("a string",))[0]
+            report.add(path, f"expected {what}, but YAML read {value!r} ({type(value).__name__})",
+                       "quote it: YAML reads an unquoted yes/no/on/off as true/false and "
+                       "digits with colons, e.g. 12:34:56, as a number")
         else:
             report.expected(path, value)
 
@@ -556,6 +562,7 @@ def _check_meaning(data: Any, report: _Report) -> None:
                 except ValueError as exc:
                     message = f"cannot split {command!r} into words ({exc})"
                     report.add(path, message, "close every quote")
+                _check_command(path, command, report)
         for direction, chain in _mapping(tenant.get("chains")).items():
             if direction not in DIRECTIONS or not isinstance(chain, list):
                 continue
@@ -590,8 +597,31 @@ def nf_config_schema(kind: str) -> dict[str, Any] | None:
     return getattr(module, "CONFIG_SCHEMA", None)
 
 
+def nf_class(kind: str) -> Any:
+    """The NetworkFunction class of ``nfs.<kind>`` (None if there is none)."""
+    try:
+        module = importlib.import_module(f"nfs.{kind}")
+    except ImportError:
+        return None
+    from nfs.runtime import NetworkFunction
+    return next((obj for obj in vars(module).values() if isinstance(obj, type)
+                 and issubclass(obj, NetworkFunction) and getattr(obj, "kind", None) == kind), None)
+
+
+def _check_command(path: _Path, command: str, report: _Report) -> None:
+    """A pool's ``command`` must name a program this machine has."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return  # reported with its own message
+    if words and shutil.which(words[0]) is None and not Path(words[0]).is_file():
+        report.add(path, f"no program {words[0]!r} on this machine",
+                   "give the NF's program by a name on PATH or its full path, e.g. \"python3 -m mynf\"")
+
+
 def _check_pool_config(path: _Path, pool: Mapping[str, Any], report: _Report) -> None:
-    """Check a pool's ``config`` against its NF's own schema (ours; a vendor ``command`` is free)."""
+    """Check a pool's ``config`` against its NF's own schema, then as the NF itself reads it at
+    ``up`` (ours; a vendor ``command`` is free)."""
     kind, config = pool.get("kind"), pool.get("config", {})
     if pool.get("command") is not None or not isinstance(kind, str) or not isinstance(config, dict):
         return
@@ -616,6 +646,15 @@ def _check_pool_config(path: _Path, pool: Mapping[str, Any], report: _Report) ->
         else:
             desc = error.schema.get("description") or f"see CONFIG_SCHEMA in nfs/{kind}.py"
             report.add(where, error.message, desc)
+    if any(p[:len(path) + 1] == path + ("config",) for p in report.flagged):
+        return
+    cls = nf_class(kind)
+    if cls is None:
+        return
+    try:  # what the NF itself refuses when it starts (e.g. a route with host bits set)
+        cls({**config, "statelab": {"tenant": "validate", "tenant_id": 1, "pool": path[-1]}}, None, "validate")
+    except (ValueError, TypeError, KeyError) as err:
+        report.add(path + ("config",), f"the {kind} NF refuses this config: {err}", f"see nfs/{kind}.py")
 
 
 def _check_addresses(base: _Path, hosts: Mapping[str, dict[str, Any]], report: _Report) -> None:

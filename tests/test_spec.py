@@ -531,3 +531,34 @@ def test_a_huge_file_is_refused(tmp_path: Path) -> None:
     path.write_text("name: big\n" + "# padding\n" * 200_000)
     (found,) = validate(path)
     assert (found.line, found.message) == (1, "the file is 2000010 characters long; a topology may have at most 1048576")
+
+
+# ------------------------------------------------------------------------------ caught before `up`
+
+
+def test_nf_configs_the_nf_itself_refuses_are_caught_at_their_line(check) -> None:
+    router = ('      rt:\n        kind: router\n        config:\n          mac: "02:00:00:00:00:fe"\n'
+              '          address: 10.0.0.254\n          routes: [{prefix: 10.0.0.1/24, mac: "02:00:00:01:00:02"}]\n')
+    text = edit("      mon: {kind: forward}\n", "      mon: {kind: nat, config: {public: [203.0.113.1], "
+                "ports: [2000, 1000]}}\n" + router)
+    file, problems = check(text)
+    found = {p.line: p.message for p in problems}
+    assert "lowest port 2000 is above highest port 1000" in found[12]
+    assert "10.0.0.1/24 has host bits set" in found[15]
+
+
+def test_a_command_this_machine_lacks(problem) -> None:
+    found = problem(edit("mon: {kind: forward}", "mon: {kind: forward, command: nosuchprogram --x}"))
+    assert (found.line, found.message) == (12, "tenants.red.pools.mon.command: no program 'nosuchprogram' on "
+                                               "this machine")
+
+
+@pytest.mark.parametrize("old, new, read", [
+    ("r1: {ip: 10.0.0.1/24, zone: inside}", "r1: {ip: 10.0.0.1/24, zone: inside, mac: 12:34:56:00:00:01}",
+     "9783936001 (int)"),
+    ("mon: {kind: forward}", "mon: {kind: forward, command: no}", "False (bool)"),
+])
+def test_yaml_1_1_traps_say_quote_it(problem, old: str, new: str, read: str) -> None:
+    found = problem(edit(old, new))
+    assert f"but YAML read {read}" in found.message
+    assert found.hint.startswith("quote it")
