@@ -8,6 +8,7 @@ pytest tests in ``conformance/test_*.py`` only run checks; the suite's own tests
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import platform
@@ -122,7 +123,13 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         counts = {v: sum(1 for r in self.records if r.verdict == v) for v in (PASS, FAIL, SKIP)}
-        return {"target": self.target, "topology": str(self.topology), "versions": self.versions(),
+        try:
+            text = self.topology.read_text()
+        except OSError:
+            text = ""
+        return {"target": self.target, "topology": str(self.topology),
+                "topology_sha256": hashlib.sha256(text.encode()).hexdigest(), "topology_text": text,
+                "versions": self.versions(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
                 "summary": counts, "checks": [asdict(r) for r in self.records]}
 
