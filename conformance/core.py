@@ -119,7 +119,8 @@ class Report:
             return out.splitlines()[0].strip() if out else "unknown"
         return {"statelab": statelab.__version__, "python": platform.python_version(),
                 "openvswitch": first_line(["ovs-vswitchd", "--version"]),
-                "redis": first_line(["redis-server", "--version"]), "kernel": platform.release()}
+                "redis": first_line(["redis-server", "--version"]),
+                "bmv2": first_line(["simple_switch_grpc", "--version"]), "kernel": platform.release()}
 
     def as_dict(self) -> dict[str, Any]:
         counts = {v: sum(1 for r in self.records if r.verdict == v) for v in (PASS, FAIL, SKIP)}
