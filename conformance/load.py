@@ -184,6 +184,22 @@ class Load:
             return 0.0
         return round((recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0]), 1)
 
+    def window(self) -> Optional[tuple[float, float]]:
+        """(start, end) of the UDP load, wall-clock seconds (None without UDP)."""
+        if self.udp is None:
+            return None
+        sent = self.udp["sent"]
+        return sent["start"], sent["start"] + sent["duration"]
+
+    def losses(self) -> list[tuple[float, int]]:
+        """Datagrams lost per 100 ms of sending: what the sender offered in each 100 ms less what
+        the sink received of those (both ends count by the datagram's send time)."""
+        if self.udp is None:
+            return []
+        offered = self.udp["sent"].get("by_send_time", {})
+        received = self.udp["received"].get("by_send_time", {})
+        return [(float(b), max(0, n - received.get(b, 0))) for b, n in offered.items()]
+
     def delivered_after(self, t: float) -> Optional[int]:
         """UDP datagrams sent at or after wall-clock time ``t`` that reached the sink."""
         if self.udp is None:
@@ -307,7 +323,7 @@ def exercised(f: dict[str, Any]) -> bool:
 def plot(ctx: Context, load: Load, name: str, title: str, f: dict[str, Any]) -> Optional[Path]:
     png = ctx.png(name)
     if png:
-        load.timeline.plot(png, title)
+        load.timeline.plot(png, title, load.window(), load.losses())
         f["timeline"] = str(png)
     return png
 

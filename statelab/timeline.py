@@ -93,12 +93,20 @@ class Timeline:
         before = [r for t, r in series if t <= after]
         return (series[-1][1] - (before[-1] if before else 0)) if series else 0
 
-    def plot(self, path: Path, title: str) -> Path:
+    def plot(self, path: Path, title: str, load: Optional[tuple[float, float]] = None,
+             losses: Optional[list[tuple[float, int]]] = None) -> Path:
         """Draw the timeline as a PNG.
+
+        The y axis starts at 0 (a dip is drawn at its true size); the load's window is shaded,
+        so lines falling to 0 after it read as the load ending, not as an outage; datagrams
+        lost are marked where they were sent; events are labelled at staggered heights so
+        that a kill and its failover milliseconds apart can both be read.
 
         Args:
             path: where to write the PNG.
             title: the plot's title (e.g. the check's ID and sentence).
+            load: (start, end) of the offered load, wall-clock seconds.
+            losses: (wall-clock time, datagrams lost) per 100 ms of sending.
 
         Returns:
             ``path``.
@@ -108,14 +116,26 @@ class Timeline:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+        if load is not None:
+            ax.axvspan(load[0] - self.t0, load[1] - self.t0, color="0.92", zorder=0, label="offered load")
         for iid, pts in sorted(self.rates().items()):
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=iid, linewidth=1.6)
-        for t, what, iid in self.events:
-            x = t - self.t0
+        lost = [(at - self.t0, n) for at, n in (losses or []) if n > 0]
+        if lost:
+            ax2 = ax.twinx()
+            ax2.bar([x for x, _ in lost], [n for _, n in lost], width=0.1, color="red", alpha=0.6,
+                    label="datagrams lost (by send time)")
+            ax2.set_ylabel("lost per 100 ms", color="red")
+            ax2.set_ylim(bottom=0)
+            ax2.legend(fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0))
+        for n, (at, what, iid) in enumerate(self.events):
+            x = at - self.t0
             ax.axvline(x, color="black", linestyle="--", linewidth=1)
-            ax.annotate(f"{what} {iid}", (x, 1), xycoords=("data", "axes fraction"), rotation=90,
-                        va="top", ha="right", fontsize=8)
+            ax.annotate(f"{what} {iid}", (x, 0.98 - 0.12 * (n % 4)), xycoords=("data", "axes fraction"),
+                        va="top", ha="left", fontsize=8, xytext=(3, 0), textcoords="offset points",
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.7", "alpha": 0.9})
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("seconds")
         ax.set_ylabel("packets/s received")
         ax.set_title(title, fontsize=10)

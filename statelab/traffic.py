@@ -52,7 +52,8 @@ def udp_send(dst: str, port: int, flows: int, rate: float, packets: Optional[int
         first_sport: source port of flow 0.
 
     Returns:
-        ``{"sent": {flow: n}, "send_errors": n, "rate_per_flow": pps, "start": t, "duration": s}``;
+        ``{"sent": {flow: n}, "send_errors": n, "rate_per_flow": pps, "start": t, "duration": s,
+        "by_send_time": {bin start (s since the epoch, 100 ms bins): datagrams offered}}``;
         ``sent`` counts every datagram offered, including those whose send failed.
     """
     socks = []
@@ -63,6 +64,7 @@ def udp_send(dst: str, port: int, flows: int, rate: float, packets: Optional[int
     pad = b"\0" * max(0, size - HEADER.size)
     sent = {i: 0 for i in range(flows)}
     send_errors = 0
+    by_send_time: dict[int, int] = {}
     interval = 1.0 / rate
     total = packets * flows if packets is not None else int((duration or 0) * rate)
     start, t0 = time.time(), time.monotonic()
@@ -72,14 +74,18 @@ def udp_send(dst: str, port: int, flows: int, rate: float, packets: Optional[int
         if delay > 0:
             time.sleep(delay)
         sent[i] += 1  # offered: a datagram whose send fails (e.g. an ICMP error came back) is lost
+        now = time.time()
+        sent_bin = int(now * 10)
+        by_send_time[sent_bin] = by_send_time.get(sent_bin, 0) + 1
         try:
-            socks[i].sendto(HEADER.pack(i, seq, time.time()) + pad, (dst, port))
+            socks[i].sendto(HEADER.pack(i, seq, now) + pad, (dst, port))
         except OSError:
             send_errors += 1
     for s in socks:
         s.close()
     return {"sent": sent, "send_errors": send_errors, "rate_per_flow": rate / flows, "start": start,
-            "duration": time.monotonic() - t0}
+            "duration": time.monotonic() - t0,
+            "by_send_time": {str(k / 10): n for k, n in sorted(by_send_time.items())}}
 
 
 def udp_sink(port: int, duration: float, idle: float) -> dict[str, Any]:
