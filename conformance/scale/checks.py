@@ -21,9 +21,9 @@ def scale_1(ctx: Context) -> Result:
     through the chain; an instance is added mid-run. Per flow 0 lost and 0 duplicated, no TCP
     connection reset or stalled, the new instance received packets, and no UDP flow moved
     between the old members (seen on the fabric's member ports: flows moved, beside the ideal
-    1/(n+1), recorded). Reaction time: from the
-    scale-out call until the first counter sample (every 0.2 s) that shows the new instance
-    received a packet; it must exist (the instance got traffic) and is recorded.
+    1/(n+1), recorded). Reaction time: from the scale-out call until the first counter sample
+    (every 0.2 s) that shows the new instance received a packet; it must exist (the instance
+    got traffic) and is recorded.
     """
     lab = ctx.lab
     per_pool: dict[str, dict[str, Any]] = {}
