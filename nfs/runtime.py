@@ -356,4 +356,9 @@ def main(nf_class: type[NetworkFunction], argv: Optional[Sequence[str]] = None) 
     except OSError as err:
         print(f"{args.instance}: cannot open data interface {args.iface!r}: {err}", file=sys.stderr)
         return 2
+    if state_url is not None:  # connected before it says it is ready: its first batch pays no setup
+        try:
+            nf.state.connect()
+        except StateUnavailable as err:
+            log.warning("%s: %s; starting anyway (batches fail closed until it answers)", args.instance, err)
     return rt.run()

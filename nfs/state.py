@@ -271,6 +271,13 @@ class StateClient:
     def key(self, rel: str) -> str:
         return self.prefix + rel
 
+    def connect(self) -> None:
+        """Open the connection now rather than on the first batch (nothing to open in-process).
+
+        Raises:
+            StateUnavailable: the server does not answer.
+        """
+
     def batch(self) -> Batch:
         """A new, empty batch."""
         return Batch(self)
@@ -301,6 +308,12 @@ class RedisState(StateClient):
         self.r = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **extra)
         self._scripts = {name: self.r.register_script(s.lua) for name, s in SCRIPTS.items()}
         self._noscript = redis.exceptions.NoScriptError
+
+    def connect(self) -> None:
+        try:
+            self.r.ping()
+        except self._redis_errors as err:
+            raise StateUnavailable(f"state server unreachable: {err}") from None
 
     def __repr__(self) -> str:
         u = urlparse(self.url)
