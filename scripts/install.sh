@@ -15,7 +15,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 venv="$top/.venv"
 
 packages="mininet openvswitch-switch redis-server iproute2 iputils-ping tcpdump iperf3 ethtool nftables conntrack
-          net-tools procps python3 python3-venv python3-pip"
+          net-tools procps python3 python3-venv python3-pip python3-thrift"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
