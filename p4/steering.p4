@@ -150,7 +150,7 @@ struct metadata_t {
 parser SteeringParser(packet_in packet, out headers_t hdr, inout metadata_t meta,
                       inout standard_metadata_t standard_metadata) {
     state start {
-        transition select(packet.lookahead<ethernet_t>().ether_type) {
+        transition select(packet.lookahead<bit<112>>()[15:0]) {   /* the first EtherType */
             ETHERTYPE_NSH: parse_outer;
             default: parse_eth;
         }

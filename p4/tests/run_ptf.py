@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
             Intf(sw_if, node=switch, port=port)
         switch.start([])
         params = (f"grpc='127.0.0.1:{switch.grpc_port}';device_id={switch.device_id};"
-                  f"thrift={switch.thrift_port};tag='{tag}'")
+                  f"thrift={switch.thrift_port if switch.runtime_ports else None};tag='{tag}'")
         ptf = Path(sys.executable).parent / "ptf"
         command = [str(ptf) if ptf.exists() else "ptf", "--test-dir", str(HERE), "--pypath", str(REPO),
                    "--test-params", params, "--log-file", str(log_dir / "ptf.log"),

@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,7 +38,7 @@ from mininet.node import Switch
 from statelab.errors import LabError, MissingDependency, ProcessFailed
 from statelab.fabric import FIRST_SI, Fabric, Member, PoolKey, ServicePath, SteeringPlan, register
 from statelab.fabric.buckets import N_BUCKETS, assign_buckets, changed_buckets
-from statelab.fabric.p4rt import (INSERT, P4RuntimeClient, P4RuntimeError, TableEntry,
+from statelab.fabric.p4rt import (DELETE, INSERT, P4RuntimeClient, P4RuntimeError, TableEntry,
                                   Ternary)
 
 P4_BUILD = Path(__file__).resolve().parents[2] / "p4" / "build"
@@ -79,6 +80,9 @@ def _tail(path: Path, lines: int = 20) -> str:
         return f"({path} cannot be read)"
 
 
+NO_THRIFT = "compiled without Thrift support"   # what simple_switch_grpc logs when it has no runtime server
+
+
 def runtime_cli(thrift_port: int, command: str, what: str) -> str:
     """Run one command of bmv2's runtime CLI (``simple_switch_CLI``) against a switch.
 
@@ -97,7 +101,10 @@ def runtime_cli(thrift_port: int, command: str, what: str) -> str:
     if cli is None:
         raise LabError(f"{what}: simple_switch_CLI not found; bmv2 adds ports at run time only "
                        f"through its Thrift runtime (install bmv2's tools: {PACKAGE_HINT})")
-    proc = subprocess.run([cli, "--thrift-port", str(thrift_port)], input=command + "\n",
+    # bmv2's CLI is a Python script needing Thrift's Python library: the system's Python has it
+    # (python3-thrift), while `env python3` may find another one first (pyenv, a venv)
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    proc = subprocess.run([python, cli, "--thrift-port", str(thrift_port)], input=command + "\n",
                           capture_output=True, text=True, timeout=30)
     out = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0 or "Error" in out or "Invalid" in out:
@@ -149,6 +156,10 @@ class Bmv2Steering:
     def program(self, plan: SteeringPlan) -> None:
         """Install the whole plan on an empty pipeline (the program is pushed again)."""
         with self._lock, self._rt() as rt:
+            # PI forgets its multicast groups when the pipeline changes but bmv2 keeps them
+            # (a group created again would hold both replica sets): delete them first
+            for group in rt.read_multicast_groups():
+                rt.write_multicast_group(DELETE, group)
             rt.set_pipeline(self.p4_build / P4_INFO, self.p4_build / P4_JSON)
             self.plan = plan
             self._reset_state()
@@ -350,11 +361,13 @@ class Bmv2Fabric(Fabric, Switch):
     kind = "bmv2"
     package = "p4lang-bmv2"
     binaries = ("simple_switch_grpc",)
+    capacity_pps = 3000.0  # loss-free here, all passes through the switch counted (bench/ measures it)
 
     def __init__(self, name: str, log_dir: Union[str, Path, None] = None, log_level: str = "warn",
                  grpc_port: Optional[int] = None, thrift_port: Optional[int] = None,
                  device_id: Optional[int] = None, p4_build: Union[str, Path, None] = None,
                  start_timeout: float = 30.0, rpc_timeout: float = 10.0, **params: Any) -> None:
+        params["inNamespace"] = False   # the switch process and its interfaces live in the root namespace
         Switch.__init__(self, name, **params)
         self._log_dir = Path(log_dir) if log_dir else None
         self.log_level = log_level
@@ -509,11 +522,25 @@ class Bmv2Fabric(Fabric, Switch):
 
     # -- ports ---------------------------------------------------------------------------
 
+    @property
+    def runtime_ports(self) -> bool:
+        """True if this switch can add and remove ports while it runs (it has bmv2's Thrift
+        runtime server, and simple_switch_CLI is installed)."""
+        try:
+            log = self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return NO_THRIFT not in log and shutil.which("simple_switch_CLI") is not None
+
     def _runtime_cli(self, command: str, what: str) -> None:
         if self.proc is None:
             raise LabError(f"fabric {self.name} is not started")
         if self.proc.poll() is not None:
             raise self._failed("has died")
+        if NO_THRIFT in self.log_path.read_text(errors="replace"):
+            raise LabError(f"{what} on {self.name}: this simple_switch_grpc was built without its Thrift "
+                           f"runtime server (bmv2's configure --with-thrift), the only way bmv2 adds a port "
+                           f"while it runs; p4lang's packages have it ({PACKAGE_HINT})")
         runtime_cli(self.thrift_port, command, f"{what} on {self.name}")
 
     def _port_of(self, intf: Any) -> tuple[int, str]:

@@ -527,6 +527,14 @@ class P4RuntimeClient:
             multicast_group_entry=group))
         self.write(update_type, entity, f"multicast group {group_id}")
 
+    def read_multicast_groups(self) -> dict[int, list[tuple[int, int]]]:
+        """Every multicast group the server holds: group id -> (egress port, instance) pairs."""
+        entity = p4runtime_pb2.Entity(packet_replication_engine_entry=p4runtime_pb2.PacketReplicationEngineEntry(
+            multicast_group_entry=p4runtime_pb2.MulticastGroupEntry()))
+        return {e.packet_replication_engine_entry.multicast_group_entry.multicast_group_id:
+                [(r.egress_port, r.instance) for r in e.packet_replication_engine_entry.multicast_group_entry.replicas]
+                for e in self.read(entity, "multicast groups")}
+
     # -- reads ---------------------------------------------------------------------------
 
     def read(self, entity: p4runtime_pb2.Entity, what: str) -> list[p4runtime_pb2.Entity]:
