@@ -561,11 +561,14 @@ class Bmv2Fabric(Fabric, Switch):
         self._runtime_cli(f"port_add {name} {port}", f"adding {name} as port {port}")
 
     def detach(self, intf: Any) -> None:
-        """Remove an interface's bmv2 port (no error if the switch is not running)."""
-        port, _name = self._port_of(intf)
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self._runtime_cli(f"port_remove {port}", f"removing port {port}")
+        """Let an interface go: nothing to do on the switch.
+
+        bmv2's runtime ``port_remove`` blocks until a frame arrives on the port (it joins the
+        port's pcap receive thread; seen here: 20 s and more on an idle port), so the driver
+        leaves the port in place; it goes DOWN when the lab deletes the link, no entry points
+        to it any more (``forget_member`` ran first), and the lab never reuses a port number.
+        """
+        self._port_of(intf)  # still an error to detach what was never attached
 
     # -- the Fabric interface (the steering tables do the work) ---------------------------
 
