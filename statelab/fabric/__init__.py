@@ -121,6 +121,7 @@ class Fabric:
     binaries: ClassVar[tuple[str, ...]] = ()
     capacity_pps: ClassVar[Optional[float]] = None  # packets/s forwarded loss-free; None: fast enough
     name: str
+    intfs: dict  # Mininet's: port number -> interface
     record: Optional["Record"] = None
     run_dir: Optional[Path] = None
 
@@ -149,6 +150,14 @@ class Fabric:
         the lab's run directory (logs)."""
         self.record = record
         self.run_dir = run_dir
+
+    def _port_of(self, intf: object) -> tuple[int, str]:
+        """(port number, name) of an interface linked to this switch (Mininet's ``intfs``)."""
+        name = str(intf)
+        for port, i in self.intfs.items():
+            if i.name == name:
+                return port, name
+        raise LabError(f"{name} is not an interface of {self.name}: link it to the switch first")
 
     def port_name(self, member: Member) -> str:
         """The switch-side interface name of a pool member's link (root namespace)."""

@@ -545,13 +545,6 @@ class Bmv2Fabric(Fabric, Switch):
                            f"while it runs; p4lang's packages have it ({PACKAGE_HINT})")
         runtime_cli(self.thrift_port, command, f"{what} on {self.name}")
 
-    def _port_of(self, intf: Any) -> tuple[int, str]:
-        name = str(intf)
-        for port, i in self.intfs.items():
-            if i.name == name:
-                return port, name
-        raise LabError(f"{name} is not an interface of {self.name}: link it to the switch first")
-
     def attach(self, intf: Any) -> None:
         """Add an interface that was linked to the running switch as a bmv2 port."""
         port, name = self._port_of(intf)

@@ -809,13 +809,6 @@ class TofinoModelFabric(Fabric, Switch):
 
     # -- ports -------------------------------------------------------------------------------
 
-    def _port_of(self, intf: Any) -> tuple[int, str]:
-        name = str(intf)
-        for port, i in self.intfs.items():
-            if i.name == name:
-                return port, name
-        raise LabError(f"{name} is not an interface of {self.name}: link it to the switch first")
-
     def device_port(self, port: int) -> int:
         """The device port that Mininet port ``port`` is wired to.
 
