@@ -404,12 +404,14 @@ class FabricTap:
             s.close()
 
 
-def udp_flow(inner: bytes) -> Optional[tuple[bytes, bytes]]:
-    """The (addresses, ports) of an inner IPv4 UDP frame, else None (a :class:`FabricTap` key)."""
-    if inner[12:14] != b"\x08\x00" or len(inner) < 42 or inner[23] != 17:
+def ip_flow(inner: bytes) -> Optional[tuple[bytes, int, bytes]]:
+    """The 5-tuple (addresses, protocol, TCP/UDP ports) of an inner IPv4 frame, else None (a
+    :class:`FabricTap` key): what the fabric hashes to choose an instance."""
+    if inner[12:14] != b"\x08\x00" or len(inner) < 34:
         return None
     ihl = (inner[14] & 0xF) * 4
-    return inner[26:34], inner[14 + ihl:18 + ihl]
+    ports = inner[14 + ihl:18 + ihl] if inner[23] in (6, 17) else b""
+    return inner[26:34], inner[23], ports
 
 
 def flows_moved(tap: FabricTap, before: float, after: float, new: Optional[int] = None) -> dict[str, Any]:
