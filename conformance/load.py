@@ -380,12 +380,20 @@ class FabricTap:
 
     def _run(self) -> None:
         from nfs import nsh
+        dead: set[socket.socket] = set()
         while not self._stop.is_set():
             with self._lock:
-                socks = list(self.socks)
-            r, _, _ = select.select(socks, [], [], 0.1)
+                socks = [s for s in self.socks if s not in dead]
+            try:
+                r, _, _ = select.select(socks, [], [], 0.1)
+            except (OSError, ValueError):  # a member's link went away (drained, killed)
+                r = []
             for s in r:
-                data, addr = s.recvfrom(65535)
+                try:
+                    data, addr = s.recvfrom(65535)
+                except OSError:  # its interface was deleted: nothing more comes from it
+                    dead.add(s)
+                    continue
                 if addr[2] != socket.PACKET_OUTGOING:
                     continue  # only what the fabric sends toward the NF
                 try:
@@ -393,7 +401,7 @@ class FabricTap:
                 except nsh.Malformed:
                     continue
                 if key is not None:
-                    self.captured.append((socks.index(s), time.time(), key, data))
+                    self.captured.append((self.socks.index(s), time.time(), key, data))
 
     def stop(self) -> None:
         self._stop.set()
