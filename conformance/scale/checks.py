@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from conformance.core import Result, check, verdict
 from conformance.load import (Context, FabricTap, collect, first_packet_ms, flows_moved, nothing_to_exercise,
@@ -11,6 +11,31 @@ from conformance.load import (Context, FabricTap, collect, first_packet_ms, flow
 
 MIN_FLOWS_FOR_SHARE = 24  # distinct flows a pool must carry before a new member must get some: (2/3)^24 < 1e-4
 MOVE_SETTLE = 0.3  # s after a new member joined before flows are compared with where they went before
+
+
+def tapped_load(ctx: Context, sc: Any, pool: Any, event: Callable[[FabricTap], Any]) -> tuple[Any, FabricTap]:
+    """Load through ``sc`` with ``event(tap)`` in the middle, while a tap on the pool's members
+    records which flow went where (``event`` may add members to the tap)."""
+    members = [i for i in ctx.lab.pool_instances(sc.tenant, pool.name) if i.in_pool]
+    tap = FabricTap(ctx.lab, members, ip_flow)
+    try:
+        load = under_load(ctx, sc, lambda: event(tap), [f"{sc.tenant}-{pool.name}-"])
+    finally:
+        tap.stop()
+        tap.close()
+    return load, tap
+
+
+def share_checked(f: dict[str, Any], tap: FabricTap, figure: str) -> bool:
+    """Record the flows the pool carried; whether there were enough that one member (new or
+    drained) must have had some: with fewer (one ESP flow per SA) it may hold none, noted in
+    ``figure``."""
+    f["pool_flows"] = len({key for _, _, key, _ in tap.captured})
+    if f["pool_flows"] < MIN_FLOWS_FOR_SHARE:
+        f[figure] = (f"not checked: the pool carried {f['pool_flows']} flow(s), and one member holds "
+                     f"only its share of them")
+        return False
+    return True
 
 
 @check("SCALE-1")
@@ -37,20 +62,15 @@ def scale_1(ctx: Context) -> Result:
     for sc, pool in pairs:
         t0 = time.time()
         old = [i for i in lab.pool_instances(sc.tenant, pool.name) if i.in_pool]
-        tap = FabricTap(lab, old, ip_flow)
         joined: list[float] = []
 
-        def grow() -> Any:
+        def grow(tap: FabricTap) -> Any:
             inst = lab.control.scale_out(sc.tenant, pool.name)[0]
             tap.add(inst)
             joined.append(time.time())
             return inst
 
-        try:
-            load = under_load(ctx, sc, grow, [f"{sc.tenant}-{pool.name}-"])
-        finally:
-            tap.stop()
-            tap.close()
+        load, tap = tapped_load(ctx, sc, pool, grow)
         new = load.event_result
         f = load.figures()
         f.update(flows_moved(tap, load.event_at, joined[0] + MOVE_SETTLE if joined else float("inf"), len(old)))
@@ -64,11 +84,8 @@ def scale_1(ctx: Context) -> Result:
         f["reaction_ms"] = first_packet_ms(load.timeline, new.id, load.event_at)
         png = pool_outcome(ctx, "SCALE-1", "scale-out", sc, pool, load, f, per_pool, problems)
         first_png = first_png or png
-        f["pool_flows"] = len({key for _, _, key, _ in tap.captured})
-        if f["pool_flows"] < MIN_FLOWS_FOR_SHARE:  # e.g. one ESP flow per SA behind a decrypting pool
-            f["new_instance_share"] = (f"not checked: the pool carried {f['pool_flows']} flow(s), and a new "
-                                       f"member takes only its share of them")
-        elif not f["new_instance_packets"] or f["reaction_ms"] is None:
+        if share_checked(f, tap, "new_instance_share") and (not f["new_instance_packets"]
+                                                           or f["reaction_ms"] is None):
             problems.append(f"{pool_label(sc, pool)}: the new instance {new.id} carried no packet of the "
                             f"{f['pool_flows']} flows its pool carried")
         lab.control.scale_in(sc.tenant, pool.name)  # back to the topology's size
@@ -104,13 +121,7 @@ def scale_2(ctx: Context) -> Result:
         return nothing_to_exercise(ctx)
     for sc, pool in pairs:
         lab.control.scale_out(sc.tenant, pool.name)
-        tap = FabricTap(lab, [i for i in lab.pool_instances(sc.tenant, pool.name) if i.in_pool], ip_flow)
-        try:
-            load = under_load(ctx, sc, lambda: lab.control.scale_in(sc.tenant, pool.name)[0],
-                              [f"{sc.tenant}-{pool.name}-"])
-        finally:
-            tap.stop()
-            tap.close()
+        load, tap = tapped_load(ctx, sc, pool, lambda _tap: lab.control.scale_in(sc.tenant, pool.name)[0])
         f = load.figures()
         f["removed_instance"] = load.event_result
         removed = load.event_result
@@ -118,10 +129,7 @@ def scale_2(ctx: Context) -> Result:
         f["drain_ms"] = (round((times["stopped"] - times["scale-in"]) * 1000, 1)
                          if "stopped" in times and "scale-in" in times else None)
         f["removed_instance_rate_before"] = load.rate_before(removed)
-        f["pool_flows"] = len({key for _, _, key, _ in tap.captured})
-        if f["pool_flows"] < MIN_FLOWS_FOR_SHARE:  # e.g. one ESP flow per SA: the newest member may hold none
-            f["drained_instance_share"] = f"not checked: the pool carried {f['pool_flows']} flow(s)"
-        elif f["removed_instance_rate_before"] <= 0:
+        if share_checked(f, tap, "drained_instance_share") and f["removed_instance_rate_before"] <= 0:
             problems.append(f"{pool_label(sc, pool)}: the drained instance {removed} carried no traffic "
                             f"before it was taken out, so the drain proved nothing")
         png = pool_outcome(ctx, "SCALE-2", "scale-in (drain)", sc, pool, load, f, per_pool, problems)

@@ -482,10 +482,6 @@ class Bmv2Fabric(Fabric, Switch):
             self.client = client
             return
 
-    def processes(self) -> list[tuple[int, str]]:
-        """The processes this switch started, by PID, for the lab's record."""
-        return [(self.proc.pid, self._what())] if self.proc is not None else []
-
     def _stop_process(self) -> None:
         if self.client is not None:
             self.client.close()
