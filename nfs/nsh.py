@@ -10,7 +10,7 @@ dissecting with scapy; ``tests/test_nsh.py`` checks it byte-exact against scapy'
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 ETH_P_NSH = 0x894F
 ETH_HLEN = 14
@@ -31,9 +31,8 @@ class Malformed(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class NshFrame:
-    """One frame received from the fabric.
+class NshFrame(NamedTuple):
+    """One frame received from the fabric (a tuple: built once per packet, so no dataclass).
 
     Attributes:
         outer: the outer Ethernet header (14 bytes).
