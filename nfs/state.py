@@ -18,11 +18,13 @@ drops the batch (fail closed) and the next batch reconnects.
 
 from __future__ import annotations
 
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 
 class StateUnavailable(Exception):
@@ -251,7 +253,6 @@ class Batch:
             for (_, _, ref), value in zip(self.ops, results):
                 ref._value = value
             self.client.ops += len(self.ops)
-            self.client.round_trips += 1
         self.ops = []
 
 
@@ -286,8 +287,57 @@ class StateClient:
         raise NotImplementedError
 
 
+def pack_command(*args: Any) -> bytes:
+    """One command in the Redis protocol (RESP): ``*N`` then each argument as a bulk string.
+
+    The hot path's own encoder (redis-py's costs several microseconds a command);
+    ``tests/test_state.py`` checks it byte-exact against redis-py's ``pack_command``.
+    """
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, bytes):
+            b = a
+        elif isinstance(a, str):
+            b = a.encode()
+        elif isinstance(a, bool):
+            raise TypeError("a bool is not a Redis argument; pass 0 or 1")
+        elif isinstance(a, int):
+            b = b"%d" % a
+        elif isinstance(a, float):
+            b = repr(a).encode()
+        else:
+            b = str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+_WRITES = frozenset(("set", "incrby", "expire", "delete", "script"))
+CACHE_MAX = 1 << 16  # entries kept per client; past it the older half goes
+
+
 class RedisState(StateClient):
     """State in Redis (or any server speaking its protocol), over the tenant's ACL user.
+
+    One connection speaking RESP3, its commands packed here and its replies parsed by hiredis;
+    a batch is one write of the whole pipeline and one read of its replies.
+
+    With ``cache`` (the default), what a batch read is kept, and the server tells the client
+    when another client changes it: Redis client-side caching in default tracking mode (``CLIENT
+    TRACKING on``), where the server remembers the keys this connection read, and only those, so
+    a tenant hears of nothing but its own keys. Invalidations arrive on the same connection,
+    in order with the replies; they are read at the start of every batch (one non-blocking
+    read) and while a round trip's replies are read. So:
+
+    - a ``get``/``pttl`` of a key read before and not invalidated since is answered locally
+      (the TTL counts down from the one read; the entry ends at that deadline); a batch whose
+      every operation is answered so costs no round trip;
+    - a key this batch writes is forgotten first, and read again at the end of the same
+      pipeline (no extra round trip), so the next batch finds it cached;
+    - another instance's write is seen from the first batch after its invalidation arrived
+      (microseconds after the write). Writes stay compare-and-set (the NF scripts), so an
+      answer that was stale by that much costs a retry, never a lost update;
+    - a lost connection forgets everything: the next batch goes to the server (and fails
+      closed if it does not answer).
 
     Args:
         url: ``redis://user@host:port/db`` (or ``redis://user:password@...``).
@@ -295,82 +345,245 @@ class RedisState(StateClient):
         nf: NF name within the tenant.
         timeout: socket timeout in seconds; past it the batch fails closed.
         password: the user's password, when the URL has none.
+        cache: keep what was read, as above; False sends every operation to the server.
     """
 
     def __init__(self, url: str, tenant: str, nf: str, timeout: float = 1.0,
-                 password: Optional[str] = None) -> None:
-        import redis
+                 password: Optional[str] = None, cache: bool = True) -> None:
+        import hashlib
 
         super().__init__(tenant, nf)
-        self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         self.url = url
-        extra = {} if password is None or urlparse(url).password else {"password": password}
-        self.r = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **extra)
-        self._scripts = {name: self.r.register_script(s.lua) for name, s in SCRIPTS.items()}
-        self._noscript = redis.exceptions.NoScriptError
-
-    def connect(self) -> None:
-        try:
-            self.r.ping()
-        except self._redis_errors as err:
-            raise StateUnavailable(f"state server unreachable: {err}") from None
+        u = urlparse(url)
+        if u.scheme not in ("redis", ""):
+            raise ValueError(f"state URL {url!r}: only redis://user@host:port/db is supported")
+        self._addr = (u.hostname or "127.0.0.1", u.port or 6379)
+        self._user = unquote(u.username) if u.username else "default"
+        self._password = unquote(u.password) if u.password else password
+        self._db = int(u.path.strip("/") or 0)
+        self.timeout = timeout
+        self.caching = cache
+        self._sock: Optional[socket.socket] = None
+        self._reader: Any = None
+        self._sha = {name: hashlib.sha1(s.lua.encode()).hexdigest() for name, s in SCRIPTS.items()}
+        # key -> (value, deadline on the monotonic clock or 0.0 for none); value None: absent
+        self.cache: dict[str, tuple[Optional[bytes], float]] = {}
+        self.cache_hits = 0
+        self.invalidations = 0
 
     def __repr__(self) -> str:
-        u = urlparse(self.url)
-        return f"RedisState({u.username}@{u.hostname}:{u.port}, prefix={self.prefix!r})"
+        return f"RedisState({self._user}@{self._addr[0]}:{self._addr[1]}, prefix={self.prefix!r})"
+
+    # -- the connection ----------------------------------------------------------------------
+
+    def connect(self) -> None:
+        if self._sock is not None:
+            return
+        import hiredis
+
+        try:
+            sock = socket.create_connection(self._addr, timeout=self.timeout)
+        except OSError as err:
+            raise StateUnavailable(f"state server unreachable: {self._addr[0]}:{self._addr[1]}: {err}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self._reader = sock, hiredis.Reader()
+        self._push_type = hiredis.PushNotification
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+        self.cache.clear()
+        hello = ["HELLO", 3] + (["AUTH", self._user, self._password] if self._password is not None else [])
+        setup = [hello] + ([["SELECT", self._db]] if self._db else [])
+        if self.caching:
+            setup.append(["CLIENT", "TRACKING", "on"])
+        try:
+            replies = self._round_trip(b"".join(pack_command(*c) for c in setup), len(setup))
+        except StateUnavailable:
+            self._drop()
+            raise
+        for cmd, r in zip(setup, replies):
+            if isinstance(r, Exception):
+                self._drop()
+                raise StateUnavailable(f"state server refused {cmd[0]} {cmd[1]}: {r}", "state_refused")
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
+        self.cache.clear()
+
+    def _round_trip(self, payload: bytes, count: int) -> list[Any]:
+        """Send ``payload`` and read ``count`` replies (invalidations between them applied)."""
+        assert self._sock is not None
+        try:
+            self._sock.sendall(payload)
+            replies: list[Any] = []
+            while len(replies) < count:
+                got = self._reader.gets()
+                if got is False:
+                    data = self._sock.recv(1 << 16)
+                    if not data:
+                        raise ConnectionError("the state server closed the connection")
+                    self._reader.feed(data)
+                    continue
+                if not self._push(got):
+                    replies.append(got)
+            return replies
+        except (OSError, ConnectionError) as err:
+            self._drop()
+            raise StateUnavailable(f"state server unreachable: {err}") from None
+
+    def _push(self, msg: Any) -> bool:
+        """Apply ``msg`` if it is a push (hiredis gives pushes their own type): invalidations."""
+        if not isinstance(msg, self._push_type):
+            return False
+        if msg and msg[0] == b"invalidate":
+            keys = msg[1] if len(msg) > 1 else None
+            if keys is None:  # the server forgot what we read (FLUSHALL, full table): forget it all
+                self.cache.clear()
+            else:
+                for k in keys:
+                    self.cache.pop(k.decode(), None)
+                self.invalidations += len(keys)
+        return True
+
+    def _poll_invalidations(self) -> None:
+        """Apply the invalidations already on the socket, without waiting."""
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            while self._poller.poll(0):  # one poll(2) when nothing came: the common case
+                data = sock.recv(1 << 16)
+                if not data:
+                    self._drop()
+                    return
+                self._reader.feed(data)
+        except OSError:
+            self._drop()
+            return
+        while True:
+            msg = self._reader.gets()
+            if msg is False:
+                return
+            self._push(msg)
+
+    # -- a batch -------------------------------------------------------------------------------
+
+    def _command(self, op: str, args: tuple[Any, ...]) -> bytes:
+        key = self.prefix + args[0] if op != "script" else ""
+        if op == "get":
+            return pack_command("GET", key)
+        if op == "pttl":
+            return pack_command("PTTL", key)
+        if op == "set":
+            _, value, ttl, nx = args
+            return pack_command("SET", key, value, *(("PX", int(ttl * 1000)) if ttl else ()), *(("NX",) if nx else ()))
+        if op == "incrby":
+            return pack_command("INCRBY", key, args[1])
+        if op == "expire":
+            return pack_command("PEXPIRE", key, int(args[1] * 1000))
+        if op == "delete":
+            return pack_command("DEL", key)
+        name, keys, sargs = args
+        return pack_command("EVALSHA", self._sha[name], len(keys), *[self.prefix + k for k in keys], *sargs)
 
     def _execute(self, ops: list[tuple[str, tuple[Any, ...], Ref]]) -> list[Any]:
-        pipe = self.r.pipeline(transaction=False)
-        for op, args, _ in ops:
-            if op == "get":
-                pipe.get(self.key(args[0]))
-            elif op == "pttl":
-                pipe.pttl(self.key(args[0]))
-            elif op == "set":
-                key, value, ttl, nx = args
-                pipe.set(self.key(key), value, px=int(ttl * 1000) if ttl else None, nx=nx)
-            elif op == "incrby":
-                pipe.incrby(self.key(args[0]), args[1])
-            elif op == "expire":
-                pipe.pexpire(self.key(args[0]), int(args[1] * 1000))
-            elif op == "delete":
-                pipe.delete(self.key(args[0]))
-            elif op == "script":
-                # EVALSHA straight into the pipeline: redis-py's own script call would add a
-                # SCRIPT EXISTS round trip before every pipeline that holds a script
-                name, keys, sargs = args
-                pipe.evalsha(self._scripts[name].sha, len(keys), *[self.key(k) for k in keys], *sargs)
-        try:
-            results = pipe.execute(raise_on_error=False)
-            missing = [i for i, r in enumerate(results) if isinstance(r, self._noscript)]
-            if missing:
-                results = self._load_and_rerun(ops, results, missing)
-        except self._redis_errors as err:
-            raise StateUnavailable(f"state server unreachable: {err}") from None
-        for r in results:
+        if self._sock is None:
+            self.connect()
+        elif self.caching:
+            self._poll_invalidations()
+            if self._sock is None:
+                self.connect()
+        cache, now, prefix = self.cache, time.monotonic(), self.prefix
+        results: list[Any] = [None] * len(ops)
+        remote: list[int] = []
+        written: set[str] = set()
+        missed: dict[str, list[bool]] = {}  # key read from the server -> [get sent, pttl sent]
+        for i, (op, args, _) in enumerate(ops):
+            if op in _WRITES:
+                for k in (args[1] if op == "script" else (args[0],)):
+                    written.add(k)
+                    if cache.pop(prefix + k, None) is not None:
+                        missed.setdefault(k, [False, False])
+                remote.append(i)
+                continue
+            k = args[0]
+            if self.caching and k not in written:
+                hit = cache.get(prefix + k)
+                if hit is not None and (not hit[1] or hit[1] > now):
+                    self.cache_hits += 1
+                    if op == "get":
+                        results[i] = hit[0]
+                    else:
+                        results[i] = -2 if hit[0] is None else -1 if not hit[1] else max(1, int((hit[1] - now) * 1000))
+                    continue
+                missed.setdefault(k, [False, False])[op == "pttl"] = True
+            remote.append(i)
+        if not remote:
+            return results
+        self.round_trips += 1
+        # what the cache needs beyond the batch's own reads: GET and PTTL of every key read or
+        # written here, after the writes (so the next batch finds it)
+        extra = []
+        if self.caching:
+            for k, (got_value, got_ttl) in missed.items():
+                if k in written:
+                    extra += [(k, "get"), (k, "pttl")]
+                else:
+                    extra += ([] if got_value else [(k, "get")]) + ([] if got_ttl else [(k, "pttl")])
+        payload = b"".join(self._command(ops[i][0], ops[i][1]) for i in remote)
+        payload += b"".join(pack_command("GET" if what == "get" else "PTTL", prefix + k) for k, what in extra)
+        sent_at = time.monotonic()
+        replies = self._round_trip(payload, len(remote) + len(extra))
+        missing = [j for j, r in enumerate(replies[:len(remote)])
+                   if isinstance(r, Exception) and str(r).startswith("NOSCRIPT")]
+        if missing:
+            for j, r in zip(missing, self._load_and_rerun([ops[remote[j]] for j in missing])):
+                replies[j] = r
+        for r in replies:
             if isinstance(r, Exception):  # NOPERM, BUSY, OOM, ...: the server refused the batch
                 raise StateUnavailable(f"state server refused an operation: {r}", "state_refused")
-        return [bool(r) if op in ("set", "expire") else r for (op, _, _), r in zip(ops, results)]
+        values: dict[str, list[Any]] = {}
+        for i, r in zip(remote, replies):
+            op, args, _ = ops[i]
+            if op in ("set", "expire"):
+                r = bool(r) if op == "expire" else r is not None
+            results[i] = r
+            if op in ("get", "pttl") and args[0] not in written:
+                values.setdefault(args[0], [_UNSET, _UNSET])[op == "pttl"] = r
+        for (k, what), r in zip(extra, replies[len(remote):]):
+            values.setdefault(k, [_UNSET, _UNSET])[what == "pttl"] = r
+        if self.caching:
+            self._remember(values, sent_at)
+        return results
 
-    def _load_and_rerun(self, ops: list[tuple[str, tuple[Any, ...], Ref]], results: list[Any],
-                        missing: list[int]) -> list[Any]:
+    def _remember(self, values: dict[str, list[Any]], sent_at: float) -> None:
+        """Cache what was read with both its value and TTL (a GET alone says nothing of when the
+        key ends). The deadline counts from when the batch was sent: never later than the server's."""
+        cache = self.cache
+        if len(cache) + len(values) > CACHE_MAX:
+            for k in list(cache)[:len(cache) // 2]:
+                del cache[k]
+        for k, (value, pttl) in values.items():
+            if value is _UNSET or pttl is _UNSET:
+                continue
+            if pttl == -2 or value is None:
+                cache[self.prefix + k] = (None, 0.0)
+            elif pttl == -1:
+                cache[self.prefix + k] = (value, 0.0)
+            elif pttl > 0:
+                cache[self.prefix + k] = (value, sent_at + pttl / 1000)
+
+    def _load_and_rerun(self, ops: list[tuple[str, tuple[Any, ...], Ref]]) -> list[Any]:
         """The server lacks our scripts (a fresh server the lab did not load them into): load
         them if this user may, then run just the script operations that failed (they had no
         effect). A user who may not load scripts fails closed."""
-        import redis
-        try:
-            for script in self._scripts.values():
-                self.r.script_load(script.script)
-        except redis.exceptions.ResponseError as err:
-            raise StateUnavailable(f"the state server lacks the NF scripts and this user cannot load "
-                                   f"them: {err}") from None
-        pipe = self.r.pipeline(transaction=False)
-        for i in missing:
-            name, keys, sargs = ops[i][1]
-            pipe.evalsha(self._scripts[name].sha, len(keys), *[self.key(k) for k in keys], *sargs)
-        for i, r in zip(missing, pipe.execute(raise_on_error=False)):
-            results[i] = r
-        return results
+        loads = [pack_command("SCRIPT", "LOAD", s.lua) for s in SCRIPTS.values()]
+        for r in self._round_trip(b"".join(loads), len(loads)):
+            if isinstance(r, Exception):
+                raise StateUnavailable(f"the state server lacks the NF scripts and this user cannot load "
+                                       f"them: {r}")
+        return self._round_trip(b"".join(self._command(op, args) for op, args, _ in ops), len(ops))
 
 
 class LocalState(StateClient):
@@ -441,6 +654,7 @@ class LocalState(StateClient):
     def _execute(self, ops: list[tuple[str, tuple[Any, ...], Ref]]) -> list[Any]:
         if not self.available:
             raise StateUnavailable("local state switched off")
+        self.round_trips += 1
         with self.lock:
             return [self._one(op, args) for op, args, _ in ops]
 

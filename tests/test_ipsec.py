@@ -98,14 +98,15 @@ def gateway(config: dict, state: StateClient) -> IPsecGateway:
     return nf
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", "redis", "cached"])
 def new_state(request) -> Callable[[str], StateClient]:
-    """Factory of state clients of one shared store: one per NF instance, by pool name."""
+    """Factory of state clients of one shared store: one per NF instance, by pool name
+    ("cached": as the NF process opens it)."""
     if request.param == "local":
         store: dict = {}
         return lambda pool: LocalState("red", pool, store=store)
     server = request.getfixturevalue("redis_clean")
-    return lambda pool: RedisState(server.url("red"), "red", pool)
+    return lambda pool: RedisState(server.url("red"), "red", pool, cache=request.param == "cached")
 
 
 @pytest.fixture

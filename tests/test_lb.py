@@ -97,8 +97,8 @@ class Pool:
         self.made = 0
 
     def client(self):
-        if self.backend == "redis":
-            return RedisState(self.url, "red", "lb")
+        if self.backend != "local":  # "cached": as the NF process opens it
+            return RedisState(self.url, "red", "lb", cache=self.backend == "cached")
         return LocalState("red", "lb", store=self.store, clock=self.clock)
 
     def nf(self, config: dict = CONFIG) -> LoadBalancer:
@@ -114,10 +114,10 @@ class Pool:
         return v.value, t.value
 
 
-@pytest.fixture(params=["redis", "local"])
+@pytest.fixture(params=["redis", "cached", "local"])
 def pool(request) -> Pool:
-    if request.param == "redis":
-        return Pool("redis", request.getfixturevalue("redis_clean").url("red"))
+    if request.param != "local":
+        return Pool(request.param, request.getfixturevalue("redis_clean").url("red"))
     return Pool("local", None)
 
 

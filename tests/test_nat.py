@@ -20,7 +20,7 @@ from scapy.packet import Raw, fuzz
 from nfs import nsh, packet
 from nfs.nat import CONFIG_SCHEMA, Nat
 from nfs.runtime import Drop
-from nfs.state import LocalState, StateUnavailable
+from nfs.state import LocalState, RedisState, StateUnavailable
 from tests.nfharness import nsh_frame
 
 PUB, PUB2 = "203.0.113.1", "203.0.113.2"
@@ -42,8 +42,11 @@ class Pool:
 
     def nat(self, config: Optional[dict[str, Any]] = None, name: str = "a") -> Nat:
         config = {**(config or CONFIG), "statelab": {"tenant": "red", "tenant_id": 1, "pool": "nat"}}
-        if self.backend == "redis":
-            return Nat(config, self.redis.url("red"), name)
+        if self.backend in ("redis", "cached"):  # cached: as the NF process opens it
+            nf = Nat(config, self.redis.url("red"), name)
+            if self.backend == "redis":
+                nf._state = RedisState(self.redis.url("red"), "red", "nat", cache=False)
+            return nf
         nf = Nat(config, None, name)
         nf._state = LocalState("red", "nat", store=self.store, clock=self.clock)
         return nf
@@ -51,7 +54,7 @@ class Pool:
     def claims(self) -> dict[str, str]:
         """Every live port claim: rev key (relative) -> inside endpoint."""
         prefix = "t:red:nat:"
-        if self.backend == "redis":
+        if self.backend != "local":
             r = self.redis.admin()
             return {k.decode()[len(prefix):]: r.get(k).decode() for k in r.keys(prefix + "rev:*")}
         now = self.clock()
@@ -59,10 +62,10 @@ class Pool:
                 if k.startswith(prefix + "rev:") and (not exp or exp > now)}
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", "redis", "cached"])
 def pool(request) -> Pool:
-    if request.param == "redis":
-        return Pool("redis", request.getfixturevalue("redis_clean"))
+    if request.param != "local":
+        return Pool(request.param, request.getfixturevalue("redis_clean"))
     return Pool("local")
 
 
@@ -261,12 +264,22 @@ def test_a_batch_of_new_flows_takes_few_round_trips(pool) -> None:
     assert nf.state.round_trips - trips <= 4  # read, claim, publish (+1 if two flows collided)
     if pool.backend == "redis":  # the server saw exactly the operations the client counted
         assert "script|exists" not in server["commands"]
-        setup = {"hello", "auth", "client|setinfo"}  # the first batch also opens the connection
+        setup = {"hello", "auth", "client|setinfo", "client|tracking"}  # the first batch also opens the connection
         assert sum(n for k, n in server["commands"].items() if k not in setup) == nf.state.ops - ops
     assert len(set(first)) == 64
     trips, ops = nf.state.round_trips, nf.state.ops
-    with (pool.redis.seen() if pool.backend == "redis" else contextlib.nullcontext({})) as server:
+    with (pool.redis.seen() if pool.backend != "local" else contextlib.nullcontext({})) as server:
         assert [src_of(v) for v in nf.process(flows)] == first
+    if pool.backend == "cached":  # the mappings it just made are cached: the server sees nothing
+        assert (nf.state.round_trips - trips, nf.state.ops - ops) == (0, 128)
+        assert server["commands"] == {} and nf.state.cache_hits >= 128
+        other = pool.nat(name="b")  # a second instance reads them once, then has them too
+        with pool.redis.seen() as server:
+            assert [src_of(v) for v in other.process(flows)] == first
+            assert [src_of(v) for v in other.process(flows)] == first
+        assert other.state.round_trips == 1
+        assert server["commands"] == {"get": 64, "pttl": 64, "hello": 1, "client|tracking": 1}  # + connecting
+        return
     assert (nf.state.round_trips - trips, nf.state.ops - ops) == (1, 128)
     if pool.backend == "redis":  # counted by the server too: nothing hidden
         assert server["commands"] == {"get": 64, "pttl": 64}

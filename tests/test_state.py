@@ -85,3 +85,79 @@ def test_unreachable_server_raises_state_unavailable() -> None:
     local.available = False
     with pytest.raises(StateUnavailable):
         run(local, lambda b: [b.get("x")])
+
+
+# -- the Redis client's own protocol code and its cache ---------------------------------------
+
+@pytest.mark.parametrize("args", [("GET", "t:red:fw:k"), ("SET", "k", b"\x00\xff\r\n", "PX", 1500, "NX"),
+                                  ("EVALSHA", "ab" * 20, 1, "k", "", 3.5, -7), ("PING",)])
+def test_pack_command_is_byte_exact_with_redis_py(args) -> None:
+    from redis.connection import Connection
+    from nfs.state import pack_command
+    assert pack_command(*args) == b"".join(Connection().pack_command(*args))
+
+
+def _until(check, deadline: float = 5.0):
+    """Run ``check`` (one batch each time) until it returns something truthy, up to a deadline."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        got = check()
+        if got:
+            return got
+    raise AssertionError(f"not seen within {deadline} s")
+
+
+def test_cache_answers_reads_and_learns_of_other_clients_writes(redis_clean) -> None:
+    a, b = (RedisState(redis_clean.url("red"), "red", "fw") for _ in range(2))
+    run(b, lambda x: [x.set("k", "v1", ttl=60)])
+    assert run(a, lambda x: [x.get("k"), x.pttl("k"), x.get("absent")])[0] == b"v1"
+    trips = a.round_trips
+    for _ in range(3):  # read again: from the cache, the TTL counting down, absence cached too
+        value, pttl, absent = run(a, lambda x: [x.get("k"), x.pttl("k"), x.get("absent")])
+        assert (value, absent) == (b"v1", None) and 50_000 < pttl <= 60_000
+    assert a.round_trips == trips and a.cache_hits == 9
+    run(b, lambda x: [x.set("k", "v2"), x.set("absent", "now")])  # another instance writes both
+    assert _until(lambda: run(a, lambda x: [x.get("k"), x.get("absent")]) == [b"v2", b"now"])
+    assert a.invalidations >= 2
+    assert run(a, lambda x: [x.pttl("k")]) == [-1]  # SET without PX cleared the TTL: read again, not kept
+
+
+def test_own_writes_are_read_back_in_the_same_round_trip(redis_clean) -> None:
+    a = RedisState(redis_clean.url("red"), "red", "fw")
+    assert run(a, lambda x: [x.get("n"), x.pttl("n"), x.incrby("n", 5), x.get("n")]) == [None, -2, 5, b"5"]
+    assert a.round_trips == 1
+    assert run(a, lambda x: [x.get("n"), x.pttl("n")]) == [b"5", -1]  # re-read after the write: cached
+    assert a.round_trips == 1
+    assert run(a, lambda x: [x.script("cas", ["n"], ["5", "6", 0]), x.get("n")]) == [1, b"6"]
+    assert run(a, lambda x: [x.get("n")]) == [b"6"] and a.round_trips == 2
+
+
+def test_cached_entry_ends_with_its_ttl(redis_clean) -> None:
+    a = RedisState(redis_clean.url("red"), "red", "fw")
+    run(a, lambda x: [x.set("short", "v", ttl=0.2)])
+    assert run(a, lambda x: [x.get("short"), x.pttl("short")])[0] == b"v"
+    trips = a.round_trips
+    _until(lambda: run(a, lambda x: [x.get("short")]) == [None])
+    assert a.round_trips > trips  # past its deadline it was asked for again, never served stale
+
+
+def test_a_lost_connection_forgets_the_cache(redis_clean) -> None:
+    a = RedisState(redis_clean.url("red"), "red", "fw")
+    run(a, lambda x: [x.set("k", "v1")])
+    assert run(a, lambda x: [x.get("k")]) == [b"v1"]
+    admin = redis_clean.admin()
+    admin.client_kill_filter(user="tenant-red")
+    admin.set("t:red:fw:k", "v2")  # written while nobody tracks it for a
+    assert run(a, lambda x: [x.get("k")]) == [b"v2"]
+
+
+def test_tracking_tells_a_tenant_only_of_its_own_keys(redis_clean) -> None:
+    red = RedisState(redis_clean.url("red"), "red", "fw")
+    blue = RedisState(redis_clean.url("blue"), "blue", "fw")
+    run(red, lambda x: [x.get("k")])
+    run(blue, lambda x: [x.get("k")])
+    run(blue, lambda x: [x.set("k", "blue")])  # blue's t:blue:fw:k: nothing for red to hear
+    run(red, lambda x: [x.set("k", "red")])
+    assert _until(lambda: run(red, lambda x: [x.get("k")]) == [b"red"])
+    assert _until(lambda: run(blue, lambda x: [x.get("k")]) == [b"blue"])
+    assert red.invalidations <= 1 and "t:blue:fw:k" not in red.cache
