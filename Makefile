@@ -5,7 +5,7 @@ TOPOLOGY ?= topologies/default.yaml
 SUITE_TOPOLOGIES ?= topologies/conformance.yaml topologies/default.yaml
 REPORT ?= reports
 
-.PHONY: install lab test unit conformance p4 ptf clean
+.PHONY: install lab test unit conformance bench p4 ptf clean
 
 install:
 	scripts/install.sh
@@ -30,6 +30,10 @@ conformance:
 	done; \
 	.venv/bin/statelab targets --why | grep -v ': ready$$' | sed 's/^/== not run: /'; \
 	exit $$status
+
+# the benchmark (bench/): P1-P5 as ratios from one run, a table and reports/bench.json
+bench: install
+	$(PY) -m bench --json $(REPORT)/bench.json
 
 unit: install
 	$(PY) -m pytest tests -m "not root"

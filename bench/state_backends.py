@@ -2,7 +2,9 @@
 
 Runs the firewall and the NAT over the same packets three ways, side by side in one run:
 in-process state (LocalState, the stateful-NF baseline), Redis with batches of 64 packets
-(one pipelined round trip per batch), and Redis one packet at a time. Prints packets per
+(one pipelined round trip per batch), and Redis one packet at a time; the Redis client's cache
+is off here (``cache=False``), so this shows what batching alone buys (``python -m bench``
+measures the NF processes as they run, cache on). Prints packets per
 second and the ratios; no thresholds (the machine is shared and noisy).
 
     sudo .venv/bin/python bench/state_backends.py [--flows 200] [--packets 20]
@@ -50,9 +52,11 @@ def frames(flows: int, packets: int) -> list[nsh.NshFrame]:
     return out
 
 
-def run(make: Callable[[], Any], work: list[nsh.NshFrame], batch: int) -> float:
+def run(make: Callable[[], Any], work: list[nsh.NshFrame], batch: int, url: str = "") -> float:
     """Packets per second of one NF instance over ``work`` in batches of ``batch``."""
     nf = make()
+    if url:
+        nf._state = RedisState(url, nf.tenant, nf.pool, cache=False)
     t0 = time.perf_counter()
     for i in range(0, len(work), batch):
         verdicts = nf.process(work[i:i + batch])
@@ -80,9 +84,9 @@ def main() -> int:
             conf = {**config, "statelab": {"tenant": "bench", "pool": f"{kind}{n}"}}
             local = run(lambda: cls(conf, "local:", "bench"), work, 64)
             conf_b = {**config, "statelab": {"tenant": "bench", "pool": f"{kind}{n}b"}}
-            batched = run(lambda: cls(conf_b, url, "bench"), work, 64)
+            batched = run(lambda: cls(conf_b, url, "bench"), work, 64, url)
             conf_s = {**config, "statelab": {"tenant": "bench", "pool": f"{kind}{n}s"}}
-            single = run(lambda: cls(conf_s, url, "bench"), work, 1)
+            single = run(lambda: cls(conf_s, url, "bench"), work, 1, url)
             print(f"{kind:9} {local:11.0f} {batched:10.0f} {single:9.0f} {batched / local:12.2f} "
                   f"{batched / single:8.1f}x")
     finally:

@@ -1,0 +1,1 @@
+"""statelab's benchmarks (``sudo make bench``): see bench/__main__.py."""
