@@ -137,6 +137,7 @@ class Counters:
         self.rx_by_tenant: Counter[int] = Counter()
         self.state_ops = 0
         self.batches = 0
+        self.first_rx: Optional[float] = None  # wall-clock time of the first frame (scale-out: P4)
         self.started = time.time()
         self._written = 0.0
 
@@ -151,7 +152,8 @@ class Counters:
             "state": state, "rx": self.rx, "tx": self.tx,
             "drops": dict(self.drops), "dropped": sum(self.drops.values()),
             "rx_by_tenant": {str(k): v for k, v in self.rx_by_tenant.items()},
-            "state_ops": self.state_ops, "batches": self.batches, "started": self.started, "updated": time.time(),
+            "state_ops": self.state_ops, "batches": self.batches, "first_rx": self.first_rx,
+            "started": self.started, "updated": time.time(),
         }
 
     def write(self, state: str = "running", force: bool = False) -> None:
@@ -227,6 +229,9 @@ class Runtime:
         """Parse, process and send one batch of raw frames."""
         c = self.counters
         parsed = []
+        if c.first_rx is None:
+            c.first_rx = time.time()
+            c.write(force=True)  # seen at once, not at the next interval
         c.rx += len(frames)
         c.batches += 1
         parse, by_tenant = nsh.parse, c.rx_by_tenant

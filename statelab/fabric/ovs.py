@@ -30,6 +30,8 @@ table 0 and are dropped and counted.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import subprocess
 import tempfile
@@ -40,13 +42,14 @@ from typing import Any, Callable, Iterable, Optional
 from mininet.node import OVSSwitch
 
 from statelab.errors import LabError
-from statelab.fabric import FIRST_SI, Fabric, Member, PoolKey, SteeringPlan, register
+from statelab.fabric import FIRST_SI, Fabric, Member, PoolKey, SteeringPlan, openflow, register
 
 OVS_CTL = Path("/usr/share/openvswitch/scripts/ovs-ctl")
 OFCTL = ("ovs-ofctl", "-O", "OpenFlow15")
 FABRIC_MAC = "02:5e:00:00:00:01"
 MEMBER_COOKIE = 1 << 32
 HASH_FIELDS = "fields(nw_src,nw_dst,nw_proto,tcp_src,tcp_dst,udp_src,udp_dst)"
+log = logging.getLogger("statelab.fabric.ovs")
 
 
 def _run(args: Iterable[str], what: str, stdin: Optional[str] = None) -> str:
@@ -98,6 +101,12 @@ class OvsFabric(Fabric, OVSSwitch):
         self.plan: Optional[SteeringPlan] = None
         self._groups: dict[PoolKey, int] = {}          # pool -> OpenFlow group id
         self._members: dict[PoolKey, list[Member]] = {}  # pool -> its members now
+        self._of: Optional[openflow.Connection] = None   # opened on the first removal
+
+    def stop(self, *args: Any, **kwargs: Any) -> None:
+        if self._of is not None:
+            self._of.close()
+        OVSSwitch.stop(self, *args, **kwargs)
 
     @classmethod
     def setup(cls) -> None:
@@ -258,12 +267,23 @@ class OvsFabric(Fabric, OVSSwitch):
         self._bundle(lines, f"adding {member.name} to its pool")
 
     def remove_member(self, key: PoolKey, member: Member) -> None:
+        """Take a member out of its pool's group: over the kept-open OpenFlow connection (a
+        failover's whole cost is this call), with ``ovs-ofctl`` as the fallback."""
         assert self.plan is not None, "program() first"
         members = self._members.get(key, [])
         if member in members:
             members.remove(member)
-            self._bundle([f"group remove_bucket group_id={self._groups[key]},command_bucket_id={member.port}"],
-                         f"removing {member.name} from its pool")
+            group, what = self._groups[key], f"removing {member.name} from its pool"
+            try:
+                self._openflow().send(lambda xid: openflow.remove_bucket(xid, group, member.port), what)
+            except openflow.OpenFlowError as err:
+                log.warning("%s over OpenFlow: %s; using ovs-ofctl", what, err)
+                self._bundle([f"group remove_bucket group_id={group},command_bucket_id={member.port}"], what)
+
+    def _openflow(self) -> "openflow.Connection":
+        if self._of is None:
+            self._of = openflow.Connection(self.name, Path(os.environ.get("OVS_RUNDIR", openflow.RUN_DIR)))
+        return self._of
 
     def forget_member(self, key: PoolKey, member: Member) -> None:
         self.remove_member(key, member)
