@@ -67,7 +67,10 @@ def measure(progress: Callable[[str], None] = print) -> dict[str, Any]:
                 lab.control.kill(victim.id)
                 return victim.id
             res, victim = _under_udp(lab, sc, kill)
-            p3 = {"killed": victim, **_outage(res)}
+            at = {what: t for t, what, iid in lab.control.events if iid == victim}
+            p3 = {"killed": victim, **_outage(res),
+                  "kill_to_failover_ms": round((at["failover"] - at["kill"]) * 1000, 2)
+                  if "failover" in at and "kill" in at else None}
             lab.control.scale_out(sc.tenant, pool.name)  # back to the topology's size
 
             def scale() -> dict[str, Any]:

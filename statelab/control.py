@@ -25,9 +25,24 @@ if TYPE_CHECKING:
     from statelab.lab import Instance, Lab
 
 WATCH_INTERVAL = 0.05
+KILL_POLL = 0.0005  # s between looks at a SIGKILLed NF, until the kernel has it exiting
 DRAIN_GRACE = 0.3
 STOP_TIMEOUT = 5.0
+PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
 MAX_INSTANCES = 16  # per pool, as the topology schema allows
+
+
+def process_exiting(pid: int) -> bool:
+    """Whether process ``pid`` is exiting or gone: ``PF_EXITING`` (set as the kernel enters
+    ``do_exit``, before it frees the memory and closes the sockets: for an NF's packet socket an
+    RCU grace period, often ten or more milliseconds), a zombie, or no process at all."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 (state) on
+    return fields[0] in ("Z", "X", "x") or bool(int(fields[6]) & PF_EXITING)
 
 
 class Controller:
@@ -150,8 +165,13 @@ class Controller:
             inst = self.instance(iid)
             inst.proc.send_signal(signal.SIGKILL)
             self._event("kill", iid)
-            inst.proc.wait()
+            # SIGKILL cannot be caught: once the kernel has the task exiting, it will never send
+            # again, so fail over then, not after the kernel's teardown (which the reap waits for)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while not process_exiting(inst.proc.pid) and time.monotonic() < deadline:
+                time.sleep(KILL_POLL)
             self._failover(inst)
+            inst.proc.wait()
             self.lab.fabric.forget_member(inst.key, inst.member)
             self.lab.remove_instance(inst)
 
