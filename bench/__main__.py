@@ -6,6 +6,7 @@ Prints a table and writes every figure to JSON (``--json``, default ``reports/be
   state (``LocalState``), TCP and UDP, over established flows (bench/loop.py);
 - P2: the Redis-backed firewall ÷ the bare Python echo loop (bench/echo.py), and ``forward``
   (the runtime alone) ÷ the echo loop;
+- the connection-setup rate (``new-udp``: every frame a new flow) the same two ways;
 - the cost per packet in state-server commands, counted by the server (``INFO commandstats``);
 - P3: the UDP outage per flow when an instance is SIGKILLed, P4: ``scale_out()`` until the new
   instance's first frame, in a lab of the reference topology (bench/failover.py);
@@ -59,8 +60,8 @@ def packet_loop(repeat: int, rounds: int, progress: Any) -> dict[str, Any]:
     with NfPath("m") as path:
         gen = Generator(path.gen_if)
         try:
-            for kind in ("firewall", "nat"):
-                for proto in ("tcp", "udp"):
+            for kind in ("firewall", "nat", "lb"):
+                for proto in ("tcp", "udp", "new-udp"):
                     progress(f"P1: {kind} {proto}, redis ÷ in-process")
                     out["P1"][f"{kind}/{proto}"] = _pair(path, gen, (kind, proto, "local"),
                                                          (kind, proto, "redis"), repeat, rounds)

@@ -20,6 +20,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "echo": {},
     "firewall": {"rules": [{"action": "allow", "direction": "outbound"}]},
     "nat": {"public": ["198.51.100.1"]},
+    "lb": {"services": [{"vip": "10.0.1.2", "port": 80, "proto": "tcp", "backends": ["10.0.2.1:8080", "10.0.2.2:8080"]},
+                        {"vip": "10.0.1.2", "port": 5001, "proto": "udp", "backends": ["10.0.2.1:53", "10.0.2.2:53"]}]},
 }
 
 
@@ -30,7 +32,9 @@ def _config(kind: str, pool: str) -> dict[str, Any]:
 
 def _phases(kind: str, proto: str, flows: Flows, rounds: int) -> tuple[list[list[bytes]], list[bytes]]:
     """(setup phases, measured frames) of ``kind`` on ``proto``."""
-    replies = kind not in ("nat",)  # the NAT's replies would go to its public port: one direction
+    replies = kind not in ("nat", "lb")  # their replies come from another address: one direction here
+    if proto == "new-udp":  # every frame a new flow: the connection-setup rate
+        return [], Flows(min(flows * rounds, 45000)).udp_out()
     if proto == "udp":
         setup = [flows.udp_out()] + ([flows.udp_in()] if replies else [])
         return setup, flows.udp_out() * rounds

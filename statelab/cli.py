@@ -46,7 +46,9 @@ def pools_table(lab) -> str:
     for inst in lab.iter_instances():
         c = inst.counters()
         state = c.get("state", "starting") if inst.alive() else f"dead({inst.proc.returncode})"
-        if inst.alive() and not inst.in_pool:
+        if inst.alive() and inst.standby:
+            state = "standby"
+        elif inst.alive() and not inst.in_pool:
             state = "draining"
         rows.append(f"{inst.tenant.name:8} {inst.pool.name:10} {inst.id:18} {state:9} "
                     f"{c.get('rx', 0):>8} {c.get('tx', 0):>8} {c.get('dropped', 0):>8}")

@@ -105,15 +105,22 @@ class Controller:
         added = []
         with self.lock:
             for _ in range(count):
-                inst = self.lab.add_instance(t, p, attach=True)
-                try:
-                    self.lab.wait_ready(inst)
-                except ProcessFailed:
-                    self.lab.remove_instance(inst)
-                    raise
+                inst = self.lab.take_standby(t, p)
+                if inst is None:
+                    inst = self.lab.add_instance(t, p, attach=True)
+                    try:
+                        self.lab.wait_ready(inst)
+                    except ProcessFailed:
+                        self.lab.remove_instance(inst)
+                        raise
                 self.lab.fabric.add_member(inst.key, inst.member)
+                inst.in_pool = True
                 self._event("scale-out", inst.id)
                 added.append(inst)
+            try:  # the next scale-out's warm instance; the one just added already carries traffic
+                self.lab.replenish_standby(t, p)
+            except ProcessFailed as err:
+                self._event(f"standby-error: {err}", "")
         return added
 
     def scale_in(self, tenant: str, pool: str, count: int = 1) -> list[str]:

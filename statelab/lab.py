@@ -58,6 +58,7 @@ STATE_DATA_LIMIT = 256 << 20      # RLIMIT_DATA of each redis-server: bounds scr
 # DynamicUser), above systemd's container range and below 2^31: base + lab tag << 8 + index.
 NF_UID_BASE = 0x70000000
 NF_CAPS = "net_raw"               # an AF_PACKET socket; nothing else
+STANDBY_ENV = "STATELAB_STANDBY"  # =0: no warm standby instance per pool
 NF_ROOT_ENV = "STATELAB_NF_ROOT"  # =1: run NFs as root, as before (for a vendor NF that needs it)
 
 # binary -> Debian/Ubuntu package that provides it
@@ -110,6 +111,7 @@ class Instance:
     log_path: Path
     mgmt_ip: str
     in_pool: bool = True
+    standby: bool = False  # started, ready and connected, not yet in its pool (see Lab.standby)
 
     @property
     def key(self) -> PoolKey:
@@ -136,8 +138,12 @@ class Lab:
     """
 
     def __init__(self, topology: "specmod.Topology", progress: Progress = _quiet,
-                 run_root: Path = RUN_ROOT) -> None:
+                 run_root: Path = RUN_ROOT, standby: Optional[bool] = None) -> None:
         self.topo = topology
+        # one warm instance per pool: scale-out adds it to the fabric (tens of ms) instead of
+        # building a host and starting a process (hundreds); STATELAB_STANDBY=0 turns it off
+        self.standby = os.environ.get(STANDBY_ENV, "1") != "0" if standby is None else standby
+        self._standby_of: dict[PoolKey, Instance] = {}
         self.progress = progress
         self.tag = lab_tag(topology.name)
         self.run_dir = run_root / topology.name
@@ -205,6 +211,8 @@ class Lab:
             for pool in tenant.pools:
                 for _ in range(pool.instances):
                     self.add_instance(tenant, pool, attach=False)
+                if self.standby:
+                    self._standby_of[(tenant.id, pool.name)] = self._make_standby(tenant, pool, attach=False)
         self.progress("starting the fabric")
         for tenant in self.topo.tenants:
             for h in tenant.hosts:
@@ -216,6 +224,8 @@ class Lab:
         self._tag_trunk_ports()
         self.plan = self._plan(host_ports)
         self.fabric.program(self.plan)
+        for inst in self._standby_of.values():
+            self.fabric.prepare_member(inst.key, inst.member)
         self.progress("waiting for NF instances")
         for inst in self.instances.values():
             self.wait_ready(inst)
@@ -415,7 +425,8 @@ class Lab:
                  for tenant in self.topo.tenants for direction, d in DIRECTIONS.items()]
         members: dict[PoolKey, list[Member]] = {}
         for inst in self.instances.values():
-            members.setdefault(inst.key, []).append(inst.member)
+            if inst.in_pool:
+                members.setdefault(inst.key, []).append(inst.member)
         return SteeringPlan(tuple(host_ports), tuple(paths), {k: tuple(v) for k, v in members.items()})
 
     # -- management network and state server --------------------------------------------
@@ -715,6 +726,31 @@ class Lab:
         self.instances[iid] = inst
         return inst
 
+    def _make_standby(self, tenant: "specmod.Tenant", pool: "specmod.Pool", attach: bool) -> Instance:
+        inst = self.add_instance(tenant, pool, attach)
+        inst.in_pool, inst.standby = False, True
+        if attach:  # the fabric runs: its flows now (at the start, after the plan is programmed)
+            self.fabric.prepare_member(inst.key, inst.member)
+        return inst
+
+    def take_standby(self, tenant: "specmod.Tenant", pool: "specmod.Pool") -> Optional[Instance]:
+        """The pool's warm instance, ready (None without one, or if it died: then it is removed)."""
+        inst = self._standby_of.pop((tenant.id, pool.name), None)
+        if inst is None:
+            return None
+        if not inst.alive():
+            self.remove_instance(inst)
+            return None
+        self.wait_ready(inst)
+        inst.standby = False
+        return inst
+
+    def replenish_standby(self, tenant: "specmod.Tenant", pool: "specmod.Pool") -> None:
+        """Start the pool's next warm instance (after the last one joined the pool)."""
+        key = (tenant.id, pool.name)
+        if self.standby and key not in self._standby_of:
+            self._standby_of[key] = self._make_standby(tenant, pool, attach=True)
+
     def wait_ready(self, inst: Instance) -> None:
         """Wait until an instance's runtime has opened its interface (its counters file exists).
 
@@ -757,6 +793,8 @@ class Lab:
             subprocess.run(["ip", "link", "del", sw_intf], capture_output=True)
         self._leave_management(inst.mgmt_ip)
         del self.instances[inst.id]
+        if self._standby_of.get(inst.key) is inst:
+            del self._standby_of[inst.key]
 
     # -- looking at it -----------------------------------------------------------------
 

@@ -172,6 +172,10 @@ class Fabric:
         share of flows (no flow moves between the old members)."""
         raise NotImplementedError
 
+    def prepare_member(self, key: PoolKey, member: Member) -> None:
+        """Install ahead what :meth:`add_member` needs but what sends it nothing yet (a warm
+        standby instance), so that adding it later is quick. Optional: by default nothing."""
+
     def remove_member(self, key: PoolKey, member: Member) -> None:
         """Stop sending new packets of pool ``key`` to ``member``; its flows move to the others.
 

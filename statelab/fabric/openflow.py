@@ -25,8 +25,14 @@ OFP_VERSION = 0x06  # OpenFlow 1.5
 OFPT_HELLO, OFPT_ERROR, OFPT_ECHO_REQUEST, OFPT_ECHO_REPLY = 0, 1, 2, 3
 OFPT_GROUP_MOD, OFPT_BARRIER_REQUEST, OFPT_BARRIER_REPLY = 15, 20, 21
 OFPHET_VERSIONBITMAP = 1
-OFPGC_REMOVE_BUCKET = 5
+OFPGC_INSERT_BUCKET, OFPGC_REMOVE_BUCKET = 3, 5
 OFPGT_SELECT = 1
+OFPG_BUCKET_LAST = 0xFFFFFFFE
+OFPGBPT_WEIGHT = 0
+OFPAT_SET_FIELD, OFPAT_EXPERIMENTER = 25, 0xFFFF
+NX_VENDOR_ID, NXAST_RESUBMIT_TABLE = 0x00002320, 14
+OFPP_IN_PORT = 0xFFF8
+NXM_NX_REG = 0x0001  # OXM class of Nicira's registers reg0..reg15 (4 bytes each)
 _HEADER = struct.Struct("!BBHI")
 RUN_DIR = Path("/var/run/openvswitch")
 
@@ -48,6 +54,27 @@ def remove_bucket(xid: int, group_id: int, bucket_id: int, group_type: int = OFP
     """GROUP_MOD removing bucket ``bucket_id`` of group ``group_id`` (no buckets, no properties)."""
     return message(OFPT_GROUP_MOD, xid, struct.pack("!HBxIHxxI", OFPGC_REMOVE_BUCKET, group_type, group_id,
                                                     0, bucket_id))
+
+
+def set_reg(reg: int, value: int) -> bytes:
+    """Action ``set_field:VALUE->regN`` (an OXM set-field, padded to 8 bytes)."""
+    oxm = struct.pack("!IBBBB", (NXM_NX_REG << 16) | (reg << 9) | 4, *value.to_bytes(4, "big"))
+    return struct.pack("!HH", OFPAT_SET_FIELD, 16) + oxm + bytes(4)
+
+
+def resubmit(table: int) -> bytes:
+    """Action ``resubmit(,TABLE)`` (Nicira's NXAST_RESUBMIT_TABLE, in_port unchanged)."""
+    return struct.pack("!HHIHHB3x", OFPAT_EXPERIMENTER, 16, NX_VENDOR_ID, NXAST_RESUBMIT_TABLE, OFPP_IN_PORT,
+                       table)
+
+
+def insert_bucket(xid: int, group_id: int, bucket_id: int, weight: int, actions: bytes,
+                  group_type: int = OFPGT_SELECT) -> bytes:
+    """GROUP_MOD inserting one bucket (with a weight property) after the group's last."""
+    props = struct.pack("!HHH2x", OFPGBPT_WEIGHT, 8, weight)
+    bucket = struct.pack("!HHI", 8 + len(actions) + len(props), len(actions), bucket_id) + actions + props
+    return message(OFPT_GROUP_MOD, xid, struct.pack("!HBxIHxxI", OFPGC_INSERT_BUCKET, group_type, group_id,
+                                                    len(bucket), OFPG_BUCKET_LAST) + bucket)
 
 
 class Connection:

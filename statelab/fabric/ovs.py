@@ -48,6 +48,7 @@ OVS_CTL = Path("/usr/share/openvswitch/scripts/ovs-ctl")
 OFCTL = ("ovs-ofctl", "-O", "OpenFlow15")
 FABRIC_MAC = "02:5e:00:00:00:01"
 MEMBER_COOKIE = 1 << 32
+BUCKET_WEIGHT = 100  # every member the same (insert_bucket's default weight is 0: give it one)
 HASH_FIELDS = "fields(nw_src,nw_dst,nw_proto,tcp_src,tcp_dst,udp_src,udp_dst)"
 log = logging.getLogger("statelab.fabric.ovs")
 
@@ -102,6 +103,7 @@ class OvsFabric(Fabric, OVSSwitch):
         self._groups: dict[PoolKey, int] = {}          # pool -> OpenFlow group id
         self._members: dict[PoolKey, list[Member]] = {}  # pool -> its members now
         self._of: Optional[openflow.Connection] = None   # opened on the first removal
+        self._prepared: set[int] = set()  # ports of standby members whose flows are in already
 
     def stop(self, *args: Any, **kwargs: Any) -> None:
         if self._of is not None:
@@ -172,7 +174,8 @@ class OvsFabric(Fabric, OVSSwitch):
 
     @staticmethod
     def _bucket(member: Member) -> str:
-        return f"bucket=bucket_id:{member.port},weight:100,actions=set_field:{member.port}->reg3,resubmit(,50)"
+        return (f"bucket=bucket_id:{member.port},weight:{BUCKET_WEIGHT},actions=set_field:{member.port}->reg3,"
+                f"resubmit(,50)")
 
     def _member_flows(self, key: PoolKey, member: Member) -> list[str]:
         """Flows that exist for one member: its encapsulation and its allowed returns."""
@@ -258,13 +261,32 @@ class OvsFabric(Fabric, OVSSwitch):
                 lines += self._member_flows(key, m)
         self._bundle(lines, "programming the steering plan")
 
+    def prepare_member(self, key: PoolKey, member: Member) -> None:
+        """Install a standby member's flows (its encapsulation, its returns): nothing reaches it
+        until :meth:`add_member` gives it a bucket."""
+        assert self.plan is not None, "program() first"
+        self._bundle(self._member_flows(key, member), f"preparing {member.name}")
+        self._prepared.add(member.port)
+
     def add_member(self, key: PoolKey, member: Member) -> None:
+        """Flows first, then the bucket; for a prepared member only the bucket, over the kept-open
+        OpenFlow connection (``ovs-ofctl`` as the fallback)."""
         assert self.plan is not None, "program() first"
         self._members[key].append(member)
-        lines = self._member_flows(key, member)
-        lines.append(f"group insert_bucket group_id={self._groups[key]},command_bucket_id=last,"
-                     f"{self._bucket(member)}")
-        self._bundle(lines, f"adding {member.name} to its pool")
+        group, what = self._groups[key], f"adding {member.name} to its pool"
+        if member.port in self._prepared:
+            actions = openflow.set_reg(3, member.port) + openflow.resubmit(50)
+            try:
+                self._openflow().send(lambda xid: openflow.insert_bucket(xid, group, member.port, BUCKET_WEIGHT,
+                                                                         actions), what)
+                return
+            except openflow.OpenFlowError as err:
+                log.warning("%s over OpenFlow: %s; using ovs-ofctl", what, err)
+            lines = []
+        else:
+            lines = self._member_flows(key, member)
+        lines.append(f"group insert_bucket group_id={group},command_bucket_id=last,{self._bucket(member)}")
+        self._bundle(lines, what)
 
     def remove_member(self, key: PoolKey, member: Member) -> None:
         """Take a member out of its pool's group: over the kept-open OpenFlow connection (a
@@ -286,6 +308,7 @@ class OvsFabric(Fabric, OVSSwitch):
         return self._of
 
     def forget_member(self, key: PoolKey, member: Member) -> None:
+        self._prepared.discard(member.port)
         self.remove_member(key, member)
         self._bundle([f"flow delete cookie={MEMBER_COOKIE | member.port:#x}/-1"],
                      f"removing the flows of {member.name}")
