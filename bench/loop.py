@@ -34,7 +34,7 @@ def _phases(kind: str, proto: str, flows: Flows, rounds: int) -> tuple[list[list
     """(setup phases, measured frames) of ``kind`` on ``proto``."""
     replies = kind not in ("nat", "lb")  # their replies come from another address: one direction here
     if proto == "new-udp":  # every frame a new flow: the connection-setup rate
-        return [], Flows(min(flows * rounds, 45000)).udp_out()
+        return [], Flows(min(flows.n * rounds, 45000)).udp_out()
     if proto == "udp":
         setup = [flows.udp_out()] + ([flows.udp_in()] if replies else [])
         return setup, flows.udp_out() * rounds

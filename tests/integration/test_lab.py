@@ -103,6 +103,23 @@ def test_scale_out_new_instance_takes_a_share_of_new_flows(lab) -> None:
     assert pool_ids(lab, "red", "fw") == old
 
 
+def test_scale_out_takes_the_warm_standby_and_starts_the_next(lab) -> None:
+    from statelab.cli import pools_table
+    (spare,) = [i for i in lab.pool_instances("red", "fw") if i.standby]
+    assert spare.alive() and not spare.in_pool and spare.counters().get("rx") == 0  # ready, sent nothing
+    assert f"{spare.id:18} standby" in pools_table(lab)
+    (new,) = lab.control.scale_out("red", "fw")
+    try:
+        assert new is spare and new.in_pool and not new.standby
+        (after,) = [i for i in lab.pool_instances("red", "fw") if i.standby]
+        assert after is not new and after.alive()
+        res = run_udp(lab, "r1", "r2", "10.0.0.2", flows=96, packets=4, first_sport=34000)
+        assert delivered(res) == sent(res)
+        assert new.counters().get("first_rx") and after.counters().get("rx") == 0
+    finally:
+        assert lab.control.scale_in("red", "fw") == [new.id]
+
+
 def test_scale_in_drains_and_keeps_delivering(lab) -> None:
     (new,) = lab.control.scale_out("blue", "mon")
     assert lab.control.scale_in("blue", "mon") == [new.id]
