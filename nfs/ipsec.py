@@ -124,6 +124,14 @@ CONFIG_SCHEMA: dict[str, Any] = {
         "mtu": {"type": "integer", "minimum": 128, "maximum": 9000,
                 "description": "largest outer IPv4 packet sent (default 1500); larger ones are "
                                "dropped as too_big"},
+        "keys": {"enum": ["per-run", "pinned"],
+                 "description": "per-run (default): in a lab, the SA keys used are derived from the "
+                                "ones written here and a random value new for every lab run (HKDF), "
+                                "so the sequence counter, which starts again at 1 in a new lab, never "
+                                "meets a nonce it used before; both gateways of the lab derive the "
+                                "same keys. pinned: the keys as written (a peer outside the lab): "
+                                "then the lab keeps the tenant's state server on disk (AOF, "
+                                "/var/lib/statelab/LAB) so the counter goes on where it stopped"},
     },
 }
 

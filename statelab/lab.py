@@ -58,6 +58,7 @@ STATE_DATA_LIMIT = 256 << 20      # RLIMIT_DATA of each redis-server: bounds scr
 # DynamicUser), above systemd's container range and below 2^31: base + lab tag << 8 + index.
 NF_UID_BASE = 0x70000000
 NF_CAPS = "net_raw"               # an AF_PACKET socket; nothing else
+PERSIST_ROOT = Path("/var/lib/statelab")  # state kept across labs (pinned ESP keys only)
 STANDBY_ENV = "STATELAB_STANDBY"  # =0: no warm standby instance per pool
 NF_ROOT_ENV = "STATELAB_NF_ROOT"  # =1: run NFs as root, as before (for a vendor NF that needs it)
 
@@ -144,6 +145,7 @@ class Lab:
         # building a host and starting a process (hundreds); STATELAB_STANDBY=0 turns it off
         self.standby = os.environ.get(STANDBY_ENV, "1") != "0" if standby is None else standby
         self._standby_of: dict[PoolKey, Instance] = {}
+        self.run_salt = secrets.token_bytes(32)  # this run's: per-run ESP keys (esp_keys_for_run)
         self.progress = progress
         self.tag = lab_tag(topology.name)
         self.run_dir = run_root / topology.name
@@ -531,7 +533,7 @@ class Lab:
             conf = self.run_dir / f"redis-{name}.conf"
             _write_private(conf, "\n".join([
                 f"bind {self.state_ip}", f"port {port}", "protected-mode yes",
-                'save ""', "appendonly no", "daemonize no", f"dir {self.run_dir}",
+                'save ""', *self._persistence(tenant), "daemonize no",
                 f"maxmemory {STATE_MAXMEMORY}", "maxmemory-policy noeviction", "maxclients 1024",
                 "proto-max-bulk-len 1mb", "client-query-buffer-limit 1mb",
                 "client-output-buffer-limit normal 64mb 16mb 10",
@@ -556,6 +558,17 @@ class Lab:
                     raise ProcessFailed(f"{what} (not answering after {READY_TIMEOUT:.0f}s)", None, _tail(log))
                 time.sleep(0.05)
         self.load_state_scripts()
+
+    def _persistence(self, tenant: "specmod.Tenant") -> list[str]:
+        """redis.conf lines: in memory only, or, for a tenant whose ESP keys are pinned, an
+        append-only file fsynced on every write in /var/lib/statelab/LAB/TENANT, so its
+        sequence counters outlive the lab (a new lab with the same keys goes on counting)."""
+        if not pins_esp_keys(tenant):
+            return ["appendonly no", f"dir {self.run_dir}"]
+        d = PERSIST_ROOT / self.topo.name / tenant.name
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.progress(f"tenant {tenant.name} pins its ESP keys: its state is kept in {d}")
+        return ["appendonly yes", "appendfsync always", f"dir {d}"]
 
     def load_state_scripts(self) -> None:
         """Load the NFs' scripts (``nfs.state.SCRIPTS``) into every state server, as admin: a
@@ -707,7 +720,7 @@ class Lab:
         uid = self.nf_uids.get(tenant.name)
         config = tdir / f"{iid}.config.yaml"
         _write_private(config, yaml.safe_dump({
-            **_plain(pool.config),
+            **esp_keys_for_run(pool.kind, _plain(pool.config), self.run_salt),
             "statelab": {"tenant": tenant.name, "tenant_id": tenant.id, "pool": pool.name,
                          "chains": {"outbound": list(tenant.outbound), "inbound": list(tenant.inbound)}}}), uid)
         counters = tdir / f"{iid}.counters.json"
@@ -845,6 +858,36 @@ def _nf_env() -> dict[str, str]:
     environment holds (an NF can read its own)."""
     keep = ("PATH", "LANG", "LC_ALL", "TZ")
     return {k: v for k, v in _process_env().items() if k in keep or k.startswith("PYTHON")}
+
+
+def derive_esp_key(key_hex: str, spi: int, salt: bytes) -> str:
+    """This run's key of one SA: HKDF-SHA256 (RFC 5869) of the topology's key material (AES key
+    and RFC 4106 salt), with the run's random ``salt``, bound to the SPI; as long as the input."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    material = bytes.fromhex(key_hex)
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=len(material), salt=salt,
+                info=b"statelab ESP SA key " + spi.to_bytes(4, "big"))
+    return hkdf.derive(material).hex()
+
+
+def esp_keys_for_run(kind: str, config: dict[str, Any], salt: bytes) -> dict[str, Any]:
+    """An ipsec pool's config with this run's SA keys (unless ``keys: pinned``; see
+    nfs/ipsec.py). Both gateways of a lab derive the same key for the same SA; a new lab run
+    derives new ones, so sequence numbers restarting at 1 never repeat a nonce."""
+    if kind != "ipsec" or config.get("keys", "per-run") == "pinned":
+        return config
+    out = dict(config)
+    for sa in ("sa_out", "sa_in"):
+        if isinstance(out.get(sa), dict) and "key" in out[sa] and "spi" in out[sa]:
+            out[sa] = {**out[sa], "key": derive_esp_key(str(out[sa]["key"]), int(out[sa]["spi"]), salt)}
+    return out
+
+
+def pins_esp_keys(tenant: "specmod.Tenant") -> bool:
+    """Whether a tenant has an ipsec pool with ``keys: pinned`` (its state must persist)."""
+    return any(p.kind == "ipsec" and p.config.get("keys") == "pinned" for p in tenant.pools)
 
 
 def tenant_acl(tenant: str, password: str) -> str:
