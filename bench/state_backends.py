@@ -32,7 +32,7 @@ from nfs import nsh  # noqa: E402
 from nfs.firewall import Firewall  # noqa: E402
 from nfs.nat import Nat  # noqa: E402
 from nfs.runtime import Drop  # noqa: E402
-from nfs.state import LocalState, RedisState  # noqa: E402
+from nfs.state import RedisState  # noqa: E402
 
 CONFIGS = {
     "firewall": (Firewall, {"rules": [{"action": "allow", "direction": "outbound"}]}),
