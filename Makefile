@@ -5,7 +5,7 @@ TOPOLOGY ?= topologies/default.yaml
 SUITE_TOPOLOGIES ?= topologies/conformance.yaml topologies/default.yaml
 REPORT ?= reports
 
-.PHONY: install lab test unit conformance bench p4 ptf clean
+.PHONY: install lab test unit conformance bench soak p4 ptf clean
 
 install:
 	scripts/install.sh
@@ -34,6 +34,10 @@ conformance:
 # the benchmark (bench/): P1-P5 as ratios from one run, a table and reports/bench.json
 bench: install
 	$(PY) -m bench --json $(REPORT)/bench.json
+
+# 1000 faults in a row under load (bench/soak.py); counts printed and in reports/soak.json
+soak: install
+	$(PY) -m bench.soak --events 1000 --json $(REPORT)/soak.json
 
 unit: install
 	$(PY) -m pytest tests -m "not root"

@@ -13,6 +13,7 @@ is created, so teardown ends exactly that by PID and name, even from another pro
 from __future__ import annotations
 
 import hashlib
+import heapq
 import importlib.util
 import ipaddress
 import json
@@ -165,6 +166,7 @@ class Lab:
         self.nf_uids: dict[str, int] = {}
         self._next_port = NF_PORT_BASE
         self._next_mgmt = 10
+        self._free_mgmt: list[int] = []  # management addresses of removed NFs, given out again
         self._next_index: dict[PoolKey, int] = {}
         self._mgmt_links = 0
         self._stopped = False
@@ -504,9 +506,26 @@ class Lab:
             self.state_node.cmd(f"ip neigh replace {ip} lladdr {mac} nud permanent dev {MGMT_IF}")
 
     def _leave_management(self, ip: str) -> None:
-        """Forget a removed NF's management address (its port went with its veth)."""
+        """Forget a removed NF's management address (its port went with its veth); the address
+        is given to a later NF (a lab that scales for hours must not run out of its subnet)."""
         self.state_node.cmd(f"ip neigh del {ip} dev {MGMT_IF}")
         subprocess.run(["ip", "neigh", "del", ip, "dev", self.mgmt_bridge], capture_output=True)
+        heapq.heappush(self._free_mgmt, int(ipaddress.ip_address(ip)) - int(self.mgmt.network_address))
+
+    def _take_mgmt_index(self) -> int:
+        """The lowest free host number of the management subnet for a new NF.
+
+        Raises:
+            LabError: every address of the subnet is taken (too many NFs at once).
+        """
+        if self._free_mgmt:
+            return heapq.heappop(self._free_mgmt)
+        index = self._next_mgmt
+        if index >= self.mgmt.num_addresses - 1:
+            raise LabError(f"the management subnet {self.mgmt} has no address left for another NF "
+                           f"({index - 10} NFs at once); give the topology a larger one (management: {{subnet: ...}})")
+        self._next_mgmt += 1
+        return index
 
     def _start_state_server(self) -> None:
         """One redis-server per tenant in host ``state-server``, tenant i (topology order) on
@@ -711,8 +730,7 @@ class Lab:
         node.cmd(f"ip link set {DATA_IF} up")
         if attach:
             self.fabric.attach(self.fabric.intfs[port])
-        mgmt_ip = self._mgmt_ip(self._next_mgmt)
-        self._next_mgmt += 1
+        mgmt_ip = self._mgmt_ip(self._take_mgmt_index())
         self._join_management(node, mgmt_ip)
         # the config (IPsec keys too), counters and password sit in the tenant's own directory,
         # which only the tenant's NF uid can open; `statelab status` finds counters by a symlink

@@ -90,3 +90,4 @@ def test_pinned_keys_keep_the_sequence_counter_across_labs() -> None:
             shutil.rmtree(PERSIST_ROOT / name, ignore_errors=True)
     assert seen[("pinned", 1)] is None and seen[("pinned", 2)] == b"500"  # it goes on counting
     assert seen[("per-run", 1)] is None and seen[("per-run", 2)] is None  # new keys: it starts again
+
