@@ -86,6 +86,7 @@ def soak(events: int = 1000, seed: int = 1, round_seconds: float = 10.0,
     counts: Counter[str] = Counter()
     totals: Counter[str] = Counter()
     problems: list[str] = []
+    log: list[tuple[float, str]] = []  # (time, event): to set against the duplicates' times
     started = time.monotonic()
     with Lab(topo, progress=progress) as lab:
         pairs = pools_in_use(lab.topo)
@@ -98,7 +99,9 @@ def soak(events: int = 1000, seed: int = 1, round_seconds: float = 10.0,
                 streams = _streams(lab, scenarios, round_seconds)
                 end = time.monotonic() + round_seconds - 1.5  # the last events still see traffic after them
                 while done < events and time.monotonic() < end:
-                    counts[_event(lab, rng, pairs, tap).split()[0]] += 1
+                    what = _event(lab, rng, pairs, tap)
+                    log.append((round(time.time(), 4), what))
+                    counts[what.split()[0]] += 1
                     done += 1
                 for tenant, udp, tcp in streams:
                     if udp is not None:
@@ -126,6 +129,10 @@ def soak(events: int = 1000, seed: int = 1, round_seconds: float = 10.0,
         seen = [key for _, _, key, _ in tap.captured]
         totals["esp_packets"] = len(seen)
         totals["esp_duplicates"] = len(seen) - len(set(seen))
+        where: dict[Any, list[tuple[str, float]]] = {}
+        for idx, at, key, _ in tap.captured:
+            where.setdefault(key, []).append((tap.instances[idx].id, round(at, 4)))
+        duplicates = [{"spi": k[0], "seq": k[1], "seen": v} for k, v in where.items() if len(v) > 1][:20]
         totals["state_keys_at_end"] = sum(lab.redis(server=t.name).dbsize() for t in lab.topo.tenants)
         record = lab.record
     left = record.leftovers()
@@ -134,6 +141,7 @@ def soak(events: int = 1000, seed: int = 1, round_seconds: float = 10.0,
     if totals["esp_duplicates"]:
         problems.append(f"{totals['esp_duplicates']} ESP (SPI, seq) pairs carried twice")
     return {"events": sum(counts.values()), "by_event": dict(counts), "rounds": rounds, "seed": seed,
+            "esp_duplicate_pairs": duplicates, "event_log_tail": log[-40:],
             "seconds": round(time.monotonic() - started, 1),
             **{k: totals[k] for k in ("tcp_connections", "udp_sent", "udp_lost", *MUST_BE_ZERO)}, **totals,
             "passed": not any(totals[k] for k in MUST_BE_ZERO), "problems": problems[:50]}
