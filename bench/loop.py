@@ -48,11 +48,8 @@ def measure(path: NfPath, gen: Generator, kind: str, proto: str, state: str, flo
     pool = f"{kind}-{proto}-{state}"
     url: Optional[str] = None
     if state == "redis":
-        url = path.start_redis(TENANT)
+        url = path.start_redis(TENANT)  # loads the NF scripts once; FLUSHALL keeps them
         path.flush()
-        from nfs.state import SCRIPTS
-        for s in SCRIPTS.values():
-            path.admin().script_load(s.lua)
     elif state == "local":
         url = "local:"
     nf = path.start_nf(kind, _config(kind, pool), url, batch=batch)
