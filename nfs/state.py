@@ -312,6 +312,15 @@ def pack_command(*args: Any) -> bytes:
 
 
 _WRITES = frozenset(("set", "incrby", "expire", "delete", "script"))
+WAIT_TIMEOUT_MS = 250   # how long a batch waits for its replicas before it fails closed
+SENTINEL_TIMEOUT = 0.2  # seconds per Sentinel asked where the primary is
+
+
+def _host_port(text: str, url: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"state URL {url!r}: {text!r} is not host:port")
+    return host, int(port)
 CACHE_MAX = 1 << 16  # entries kept per client; past it the older half goes
 
 
@@ -339,8 +348,18 @@ class RedisState(StateClient):
     - a lost connection forgets everything: the next batch goes to the server (and fails
       closed if it does not answer).
 
+    With replicas (``redis+sentinel://user@host:port[,host:port...]/service?wait=N``) the
+    client asks the Sentinels, in turn, where the primary of ``service`` is, connects there and
+    checks with ``ROLE`` that it is one (a Sentinel's answer can be a moment old). A batch that
+    writes ends its pipeline with ``WAIT N``: its packets go on only once N replicas hold the
+    writes, so a primary that dies loses nothing a packet already depended on (above all no ESP
+    sequence number: see docs/state.md); fewer acknowledgements fail the batch closed
+    (``state_unreplicated``). A lost primary fails batches closed until the Sentinels name
+    another.
+
     Args:
-        url: ``redis://user@host:port/db`` (or ``redis://user:password@...``).
+        url: ``redis://user@host:port/db`` (or ``redis://user:password@...``), or the
+            Sentinel form above.
         tenant: tenant name.
         nf: NF name within the tenant.
         timeout: socket timeout in seconds; past it the batch fails closed.
@@ -354,13 +373,33 @@ class RedisState(StateClient):
 
         super().__init__(tenant, nf)
         self.url = url
+        self._sentinels: list[tuple[str, int]] = []
+        self._service = ""
+        self.wait_replicas = 0
         u = urlparse(url)
-        if u.scheme not in ("redis", ""):
-            raise ValueError(f"state URL {url!r}: only redis://user@host:port/db is supported")
-        self._addr = (u.hostname or "127.0.0.1", u.port or 6379)
-        self._user = unquote(u.username) if u.username else "default"
-        self._password = unquote(u.password) if u.password else password
-        self._db = int(u.path.strip("/") or 0)
+        if u.scheme == "redis+sentinel":
+            creds, _, hosts = u.netloc.rpartition("@")
+            self._sentinels = [_host_port(h, url) for h in hosts.split(",") if h]
+            self._service = u.path.strip("/")
+            query = dict(q.split("=", 1) for q in u.query.split("&") if "=" in q)
+            self.wait_replicas = int(query.get("wait", 1))
+            user, _, pw = creds.partition(":")
+            self._addr = self._sentinels[0] if self._sentinels else ("", 0)
+            self._user = unquote(user) or "default"
+            self._password = unquote(pw) if pw else password
+            self._db = int(query.get("db", 0))
+            if not self._sentinels or not self._service:
+                raise ValueError(f"state URL {url!r}: write redis+sentinel://user@host:port[,host:port]/service")
+        elif u.scheme in ("redis", ""):
+            self._addr = (u.hostname or "127.0.0.1", u.port or 6379)
+            self._user = unquote(u.username) if u.username else "default"
+            self._password = unquote(u.password) if u.password else password
+            self._db = int(u.path.strip("/") or 0)
+        else:
+            raise ValueError(f"state URL {url!r}: only redis://user@host:port/db or "
+                             f"redis+sentinel://user@host:port[,host:port]/service is supported")
+        self.wait_timeout_ms = WAIT_TIMEOUT_MS
+        self.unreplicated = 0  # batches failed closed because too few replicas acknowledged
         self.timeout = timeout
         self.caching = cache
         self._sock: Optional[socket.socket] = None
@@ -381,6 +420,8 @@ class RedisState(StateClient):
             return
         import hiredis
 
+        if self._sentinels:
+            self._addr = self._ask_sentinels()
         try:
             sock = socket.create_connection(self._addr, timeout=self.timeout)
         except OSError as err:
@@ -395,6 +436,8 @@ class RedisState(StateClient):
         setup = [hello] + ([["SELECT", self._db]] if self._db else [])
         if self.caching:
             setup.append(["CLIENT", "TRACKING", "on"])
+        if self._sentinels:
+            setup.append(["ROLE"])
         try:
             replies = self._round_trip(b"".join(pack_command(*c) for c in setup), len(setup))
         except StateUnavailable:
@@ -403,7 +446,36 @@ class RedisState(StateClient):
         for cmd, r in zip(setup, replies):
             if isinstance(r, Exception):
                 self._drop()
-                raise StateUnavailable(f"state server refused {cmd[0]} {cmd[1]}: {r}", "state_refused")
+                raise StateUnavailable(f"state server refused {cmd[0]} {cmd[1:2]}: {r}", "state_refused")
+        if self._sentinels and (not replies[-1] or replies[-1][0] != b"master"):
+            self._drop()
+            raise StateUnavailable(f"{self._addr[0]}:{self._addr[1]}, named by the Sentinels as the primary of "
+                                   f"{self._service}, is a {replies[-1][0].decode() if replies[-1] else '?'}")
+
+    def _ask_sentinels(self) -> tuple[str, int]:
+        """The primary's address by the first Sentinel that answers (each gets a short timeout)."""
+        import hiredis
+
+        errors = []
+        for host, port in self._sentinels:
+            try:
+                with socket.create_connection((host, port), timeout=min(self.timeout, SENTINEL_TIMEOUT)) as s:
+                    s.sendall(pack_command("SENTINEL", "get-master-addr-by-name", self._service))
+                    reader = hiredis.Reader()
+                    reply: Any = False
+                    while reply is False:
+                        data = s.recv(4096)
+                        if not data:
+                            raise ConnectionError("closed")
+                        reader.feed(data)
+                        reply = reader.gets()
+            except (OSError, ConnectionError) as err:
+                errors.append(f"{host}:{port}: {err}")
+                continue
+            if isinstance(reply, list) and len(reply) == 2:
+                return reply[0].decode(), int(reply[1])
+            errors.append(f"{host}:{port}: {reply!r}")
+        raise StateUnavailable(f"no Sentinel named a primary for {self._service}: {'; '.join(errors)}")
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -533,13 +605,26 @@ class RedisState(StateClient):
                     extra += ([] if got_value else [(k, "get")]) + ([] if got_ttl else [(k, "pttl")])
         payload = b"".join(self._command(ops[i][0], ops[i][1]) for i in remote)
         payload += b"".join(pack_command("GET" if what == "get" else "PTTL", prefix + k) for k, what in extra)
+        wait = self.wait_replicas if written else 0
+        if wait:
+            payload += pack_command("WAIT", wait, self.wait_timeout_ms)
         sent_at = time.monotonic()
-        replies = self._round_trip(payload, len(remote) + len(extra))
+        replies = self._round_trip(payload, len(remote) + len(extra) + (1 if wait else 0))
+        acked = replies.pop() if wait else None
         missing = [j for j, r in enumerate(replies[:len(remote)])
                    if isinstance(r, Exception) and str(r).startswith("NOSCRIPT")]
         if missing:
             for j, r in zip(missing, self._load_and_rerun([ops[remote[j]] for j in missing])):
                 replies[j] = r
+            if wait:  # the scripts wrote after the WAIT: wait for them too
+                acked = self._round_trip(pack_command("WAIT", wait, self.wait_timeout_ms), 1)[0]
+        if wait:
+            if isinstance(acked, Exception):
+                raise StateUnavailable(f"state server refused WAIT: {acked}", "state_refused")
+            if acked < wait:
+                self.unreplicated += 1
+                raise StateUnavailable(f"{acked} of {wait} replicas acknowledged the batch's writes within "
+                                       f"{self.wait_timeout_ms} ms", "state_unreplicated")
         for r in replies:
             if isinstance(r, Exception):  # NOPERM, BUSY, OOM, ...: the server refused the batch
                 raise StateUnavailable(f"state server refused an operation: {r}", "state_refused")

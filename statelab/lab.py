@@ -49,12 +49,18 @@ READY_TIMEOUT = 15.0
 # The state servers: one redis-server per tenant (docs/contracts.md, "State"). A tenant's user
 # may run exactly what the state client of nfs/state.py sends (GET, PTTL, SET [PX] [NX], INCRBY,
 # PEXPIRE, DEL; EVALSHA of the scripts the lab loads), EXPIRE, EXISTS and SCRIPT EXISTS (which
-# redis-py's Script objects send) for vendor NFs, and the connection commands of a client that
-# caches (HELLO 3, CLIENT TRACKING and CACHING): no EVAL, no SCRIPT LOAD, no channels.
+# redis-py's Script objects send) for vendor NFs, the connection commands of a client that
+# caches (HELLO 3, CLIENT TRACKING and CACHING), and with replicas WAIT and ROLE (is this the
+# primary?): no EVAL, no SCRIPT LOAD, no channels.
 TENANT_COMMANDS = ("get", "set", "pttl", "incrby", "pexpire", "expire", "del", "exists",
-                   "evalsha", "script|exists", "ping", "hello", "client|tracking", "client|caching")
+                   "evalsha", "script|exists", "ping", "hello", "client|tracking", "client|caching",
+                   "wait", "role")
 STATE_MAXMEMORY = 64 << 20        # bytes of data per tenant; full: writes fail (noeviction)
 STATE_DATA_LIMIT = 256 << 20      # RLIMIT_DATA of each redis-server: bounds script memory too
+SENTINELS, SENTINEL_QUORUM = 3, 2  # with replicas: Sentinels, and how many must agree a primary is down
+SENTINEL_DOWN_AFTER_MS = 500      # a primary silent this long is down (for one Sentinel)
+SENTINEL_FAILOVER_TIMEOUT_MS = 5000
+FAILOVER_TIMEOUT = 15.0           # seconds kill_state_primary waits for a promotion
 # NF processes run as one unprivileged uid per tenant (no passwd entry needed, like systemd's
 # DynamicUser), above systemd's container range and below 2^31: base + lab tag << 8 + index.
 NF_UID_BASE = 0x70000000
@@ -160,7 +166,9 @@ class Lab:
         self.plan: Optional[SteeringPlan] = None
         self.state_node: Any = None
         self.state_ip = ""
-        self.state_ports: dict[str, int] = {}
+        self.state_ports: dict[str, int] = {}                              # tenant -> its primary's port
+        self.state_procs: dict[tuple[str, int], subprocess.Popen] = {}    # (tenant, port) -> redis-server
+        self.sentinel_ports: list[int] = []
         self.mgmt = topology.management
         self.passwords: dict[str, str] = {}
         self.nf_uids: dict[str, int] = {}
@@ -533,15 +541,24 @@ class Lab:
         the default user off, the lab's ``admin`` and the tenant's user (:func:`tenant_acl`), a
         memory limit (noeviction: state is never silently dropped), and is started under an
         RLIMIT_DATA that bounds what a script may allocate. Passwords live in files of mode
-        0600 only; the NFs' scripts are loaded by the admin (tenants cannot load any)."""
-        self.progress(f"starting the state servers (one redis-server per tenant, {len(self.topo.tenants)})")
+        0600 only; the NFs' scripts are loaded by the admin (tenants cannot load any).
+
+        With ``state: {replicas: R}`` each tenant's server has R replicas (replica j on port
+        ``state.port + j * tenants + i``) and three Sentinels (after the last replica's port)
+        watch every primary: see :meth:`kill_state_primary` and docs/state.md."""
+        replicas = self.topo.state_replicas
+        self.progress(f"starting the state servers (one redis-server per tenant, {len(self.topo.tenants)}"
+                      + (f", each with {replicas} replica(s) and 3 Sentinels)" if replicas else ")"))
         self.state_node = self._add_node(STATE_NODE, ip=None)
         self.state_ip = self._mgmt_ip(2)
         self._join_management(self.state_node, self.state_ip, nf=False)
         self._prepare_nf_users()
-        if self.topo.state_port + len(self.topo.tenants) - 1 > 65535:
-            raise LabError(f"state.port {self.topo.state_port} ({self.topo.source}): the lab needs one port "
-                           f"per tenant from it, {len(self.topo.tenants)} in all; choose a lower port")
+        tenants = len(self.topo.tenants)
+        last = self.topo.state_port + tenants * (replicas + 1) - 1 + (SENTINELS if replicas else 0)
+        if last > 65535:
+            raise LabError(f"state.port {self.topo.state_port} ({self.topo.source}): the lab needs "
+                           f"{last - self.topo.state_port + 1} ports from it (one per tenant and replica, and "
+                           f"the Sentinels); choose a lower port")
         self.passwords = {"admin": secrets.token_hex(16)}
         started = []
         for i, tenant in enumerate(self.topo.tenants):
@@ -549,34 +566,133 @@ class Lab:
             port = self.state_ports[name] = self.topo.state_port + i
             pw = self.passwords[name] = secrets.token_hex(16)
             _write_private(self._tenant_dir(name) / "state-password", pw + "\n", self.nf_uids.get(name))
-            conf = self.run_dir / f"redis-{name}.conf"
-            _write_private(conf, "\n".join([
-                f"bind {self.state_ip}", f"port {port}", "protected-mode yes",
-                'save ""', *self._persistence(tenant), "daemonize no",
-                f"maxmemory {STATE_MAXMEMORY}", "maxmemory-policy noeviction", "maxclients 1024",
-                "proto-max-bulk-len 1mb", "client-query-buffer-limit 1mb",
-                "client-output-buffer-limit normal 64mb 16mb 10",
-                "enable-debug-command no", "enable-module-command no", "enable-protected-configs no",
-                "user default off", f"user admin on >{self.passwords['admin']} ~* &* +@all",
-                tenant_acl(name, pw), ""]))
-            log = self.run_dir / f"redis-{name}.log"
-            argv = ["prlimit", f"--data={STATE_DATA_LIMIT}", "--", "redis-server", str(conf)]
-            started.append((name, self._popen(self.state_node, argv, log, f"redis-server of tenant {name}"), log))
-        for name, proc, log in started:
-            what = f"redis-server of tenant {name} on host {STATE_NODE} (port {self.state_ports[name]})"
-            deadline = time.monotonic() + READY_TIMEOUT
-            while True:
+            started.append(self._start_state_process(name, port))
+            for j in range(1, replicas + 1):
+                started.append(self._start_state_process(name, self.topo.state_port + j * tenants + i, replica_of=port))
+        for name, port, proc, log in started:
+            self._wait_state_process(name, port, proc, log)
+        for name in self.state_ports if replicas else ():
+            self._wait_replicas_online(name, self.state_ports[name], replicas)
+        if replicas:
+            base = self.topo.state_port + tenants * (replicas + 1)
+            self.sentinel_ports = [base + k for k in range(SENTINELS)]
+            sentinels = [self._start_sentinel(p) for p in self.sentinel_ports]
+            self._wait_sentinels(sentinels)
+        self.load_state_scripts()
+
+    def _start_state_process(self, tenant: str, port: int,
+                             replica_of: Optional[int] = None) -> tuple[str, int, subprocess.Popen, Path]:
+        """Start one redis-server of ``tenant`` on ``port`` (a replica of the one on
+        ``replica_of``, if given); returns (tenant, port, process, log)."""
+        t = self.topo.tenant(tenant)
+        conf = self.run_dir / f"redis-{tenant}-{port}.conf"
+        replication = ["repl-diskless-sync yes", "repl-diskless-sync-delay 0", "masteruser admin",
+                       f"masterauth {self.passwords['admin']}"]
+        if replica_of is not None:
+            replication.append(f"replicaof {self.state_ip} {replica_of}")
+        _write_private(conf, "\n".join([
+            f"bind {self.state_ip}", f"port {port}", "protected-mode yes",
+            'save ""', *self._persistence(t), "daemonize no",
+            f"maxmemory {STATE_MAXMEMORY}", "maxmemory-policy noeviction", "maxclients 1024",
+            "proto-max-bulk-len 1mb", "client-query-buffer-limit 1mb",
+            "client-output-buffer-limit normal 64mb 16mb 10",
+            "enable-debug-command no", "enable-module-command no", "enable-protected-configs no",
+            *(replication if self.topo.state_replicas else []),
+            "user default off", f"user admin on >{self.passwords['admin']} ~* &* +@all",
+            tenant_acl(tenant, self.passwords[tenant]), ""]))
+        log = self.run_dir / f"redis-{tenant}-{port}.log"
+        argv = ["prlimit", f"--data={STATE_DATA_LIMIT}", "--", "redis-server", str(conf)]
+        role = "replica" if replica_of is not None else "redis-server"
+        proc = self._popen(self.state_node, argv, log, f"{role} of tenant {tenant} (port {port})")
+        self.state_procs[(tenant, port)] = proc
+        return tenant, port, proc, log
+
+    def _wait_state_process(self, tenant: str, port: int, proc: subprocess.Popen, log: Path) -> None:
+        """Until the server on ``port`` answers (and, for a replica, has its primary's data)."""
+        what = f"redis-server of tenant {tenant} on host {STATE_NODE} (port {port})"
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise ProcessFailed(what, proc.returncode, _tail(log))
+            try:
+                info = self._admin(port).info("replication")
+                if info.get("role") == "master" or info.get("master_link_status") == "up":
+                    return
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise ProcessFailed(f"{what} (not ready after {READY_TIMEOUT:.0f}s)", None, _tail(log))
+            time.sleep(0.05)
+
+    def _wait_replicas_online(self, tenant: str, primary: int, count: int) -> None:
+        """Until a write on the primary on ``primary`` is acknowledged by ``count`` replicas
+        (WAIT), as an NF's will be: a replica just synced acknowledges only from its first
+        periodic ACK, up to a second later. The probe key (outside every tenant's keys)
+        expires at once."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            try:
+                admin = self._admin(primary)
+                admin.set("statelab:replicated", "1", px=1000)
+                if admin.execute_command("WAIT", count, 100) >= count:
+                    return
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise LabError(f"tenant {tenant}'s state primary (port {primary}) does not see {count} replica(s) "
+                               f"online after {READY_TIMEOUT:.0f}s (logs: {self.run_dir}/redis-{tenant}-*.log)")
+            time.sleep(0.05)
+
+    def _start_sentinel(self, port: int) -> tuple[int, subprocess.Popen, Path]:
+        """One Redis Sentinel watching every tenant's primary. Anyone may ask it where a
+        primary is (nothing else: the default user); the lab and the other Sentinels use admin."""
+        pw = self.passwords["admin"]
+        lines = [f"bind {self.state_ip}", f"port {port}", "daemonize no", f"dir {self.run_dir}",
+                 "sentinel resolve-hostnames no", "sentinel sentinel-user admin", f"sentinel sentinel-pass {pw}",
+                 "user default on nopass -@all +ping +hello +sentinel|get-master-addr-by-name",
+                 f"user admin on >{pw} ~* &* +@all"]
+        for t in self.topo.tenants:
+            service = sentinel_service(t.name)
+            lines += [f"sentinel monitor {service} {self.state_ip} {self.state_ports[t.name]} {SENTINEL_QUORUM}",
+                      f"sentinel auth-user {service} admin", f"sentinel auth-pass {service} {pw}",
+                      f"sentinel down-after-milliseconds {service} {SENTINEL_DOWN_AFTER_MS}",
+                      f"sentinel failover-timeout {service} {SENTINEL_FAILOVER_TIMEOUT_MS}"]
+        conf = self.run_dir / f"sentinel-{port}.conf"
+        _write_private(conf, "\n".join(lines) + "\n")
+        log = self.run_dir / f"sentinel-{port}.log"
+        proc = self._popen(self.state_node, ["redis-server", str(conf), "--sentinel"], log,
+                           f"redis-sentinel (port {port})")
+        return port, proc, log
+
+    def _wait_sentinels(self, sentinels: list[tuple[int, subprocess.Popen, Path]]) -> None:
+        """Until every Sentinel knows every primary's replicas and the other Sentinels: only
+        then can they agree on a failover."""
+        replicas, others = self.topo.state_replicas, len(sentinels) - 1
+        deadline = time.monotonic() + READY_TIMEOUT
+        for port, proc, log in sentinels:
+            what = f"redis-sentinel on host {STATE_NODE} (port {port})"
+            pending = [sentinel_service(t.name) for t in self.topo.tenants]
+            while pending:
                 if proc.poll() is not None:
                     raise ProcessFailed(what, proc.returncode, _tail(log))
                 try:
-                    if self.redis(server=name).ping():
-                        break
+                    s = self._admin(port)
+                    service = pending[0]
+                    if (len(s.sentinel_slaves(service)) >= replicas
+                            and len(s.sentinel_sentinels(service)) >= others):
+                        pending.pop(0)
+                        continue
                 except Exception:
                     pass
                 if time.monotonic() > deadline:
-                    raise ProcessFailed(f"{what} (not answering after {READY_TIMEOUT:.0f}s)", None, _tail(log))
+                    raise ProcessFailed(f"{what} (does not know {pending[0]}'s replicas and the other "
+                                        f"Sentinels after {READY_TIMEOUT:.0f}s)", None, _tail(log))
                 time.sleep(0.05)
-        self.load_state_scripts()
+
+    def _admin(self, port: int):
+        import redis
+        return redis.Redis(host=self.state_ip, port=port, username="admin", password=self.passwords["admin"],
+                           socket_timeout=2, decode_responses=True)
 
     def _persistence(self, tenant: "specmod.Tenant") -> list[str]:
         """redis.conf lines: in memory only, or, for a tenant whose ESP keys are pinned, an
@@ -584,17 +700,22 @@ class Lab:
         sequence counters outlive the lab (a new lab with the same keys goes on counting)."""
         if not pins_esp_keys(tenant):
             return ["appendonly no", f"dir {self.run_dir}"]
+        if self.topo.state_replicas:
+            raise LabError(f"tenant {tenant.name} ({self.topo.source}, line {tenant.line}) pins its ESP keys, and "
+                           f"its state server has replicas: a pinned SA's sequence counter persists on one "
+                           f"server only in this version; use keys: per-run, or state: {{replicas: 0}}")
         d = PERSIST_ROOT / self.topo.name / tenant.name
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.progress(f"tenant {tenant.name} pins its ESP keys: its state is kept in {d}")
         return ["appendonly yes", "appendfsync always", f"dir {d}"]
 
-    def load_state_scripts(self) -> None:
-        """Load the NFs' scripts (``nfs.state.SCRIPTS``) into every state server, as admin: a
+    def load_state_scripts(self, ports: Optional[list[int]] = None) -> None:
+        """Load the NFs' scripts (``nfs.state.SCRIPTS``) into every state server (replicas
+        too: scripts are not replicated, and a replica may become the primary), as admin: a
         tenant may run them by SHA (EVALSHA) but load none of its own."""
         from nfs.state import SCRIPTS
-        for name in self.state_ports:
-            admin = self.redis(server=name)
+        for port in ports if ports is not None else [p for _, p in self.state_procs]:
+            admin = self._admin(port)
             for script in SCRIPTS.values():
                 admin.script_load(script.lua)
 
@@ -646,16 +767,56 @@ class Lab:
                 f"--ambient-caps={caps}", f"--bounding-set={caps}", "--no-new-privs", "--"]
 
     def state_port(self, tenant: str) -> int:
-        """The port of ``tenant``'s state server (on :attr:`state_ip`)."""
-        try:
-            return self.state_ports[tenant]
-        except KeyError:
-            raise LabError(f"no state server for tenant {tenant!r}; tenants: {', '.join(self.state_ports)}") from None
+        """The port of ``tenant``'s state server (on :attr:`state_ip`): with replicas, of its
+        primary as the Sentinels name it now."""
+        if tenant not in self.state_ports:
+            raise LabError(f"no state server for tenant {tenant!r}; tenants: {', '.join(self.state_ports)}")
+        for port in self.sentinel_ports:
+            try:
+                _, primary = self._admin(port).sentinel_get_master_addr_by_name(sentinel_service(tenant))
+            except Exception:
+                continue
+            self.state_ports[tenant] = int(primary)
+            break
+        return self.state_ports[tenant]
+
+    def state_servers(self, tenant: str) -> list[int]:
+        """The ports of all of ``tenant``'s state servers (primary and replicas)."""
+        return [p for t, p in self.state_procs if t == tenant]
 
     def state_url(self, tenant: str) -> str:
         """Redis URL of ``tenant``'s state server with its user but no password (an NF gets the
-        password from a file: a command line is readable by every local user)."""
+        password from a file: a command line is readable by every local user); with replicas,
+        the Sentinels' addresses and the service to ask them for."""
+        if self.sentinel_ports:
+            sentinels = ",".join(f"{self.state_ip}:{p}" for p in self.sentinel_ports)
+            return f"redis+sentinel://tenant-{tenant}@{sentinels}/{sentinel_service(tenant)}?wait=1"
         return f"redis://tenant-{tenant}@{self.state_ip}:{self.state_port(tenant)}/0"
+
+    def kill_state_primary(self, tenant: str) -> dict[str, Any]:
+        """SIGKILL ``tenant``'s state primary; wait until the Sentinels have promoted a replica,
+        then start the killed server again as a replica of the new primary (the lab's
+        replica count is back). Returns what happened, times in ms from the kill."""
+        if not self.sentinel_ports:
+            raise LabError(f"tenant {tenant}'s state server has no replica (topology: state: {{replicas: 1}})")
+        old = self.state_port(tenant)
+        proc = self.state_procs[(tenant, old)]
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = t0 + FAILOVER_TIMEOUT
+        while (new := self.state_port(tenant)) == old:
+            if time.monotonic() > deadline:
+                raise LabError(f"the Sentinels promoted no replica of tenant {tenant} within "
+                               f"{FAILOVER_TIMEOUT:.0f}s of its primary's death (logs: {self.run_dir}/sentinel-*.log)")
+            time.sleep(0.01)
+        promoted_ms = (time.monotonic() - t0) * 1000
+        _, port, again, log = self._start_state_process(tenant, old, replica_of=new)
+        self._wait_state_process(tenant, port, again, log)
+        self.load_state_scripts([old])
+        self._wait_replicas_online(tenant, new, self.topo.state_replicas)
+        return {"tenant": tenant, "killed_port": old, "new_primary_port": new,
+                "promoted_ms": round(promoted_ms, 1), "healed_ms": round((time.monotonic() - t0) * 1000, 1)}
 
     def state_password_file(self, tenant: str) -> Path:
         """The file (mode 0600, owned by the tenant's NF uid) holding ``tenant``'s password."""
@@ -908,6 +1069,11 @@ def pins_esp_keys(tenant: "specmod.Tenant") -> bool:
     return any(p.kind == "ipsec" and p.config.get("keys") == "pinned" for p in tenant.pools)
 
 
+def sentinel_service(tenant: str) -> str:
+    """The name the Sentinels know ``tenant``'s state primary by."""
+    return f"tenant-{tenant}"
+
+
 def tenant_acl(tenant: str, password: str) -> str:
     """The ACL line of a tenant's user: its own keys, no channels, only :data:`TENANT_COMMANDS`."""
     return (f"user tenant-{tenant} on >{password} resetkeys ~t:{tenant}:* resetchannels -@all "
@@ -939,7 +1105,7 @@ class _AdminByKey:
             if len(parts) < 3 or parts[0] != "t" or parts[1] not in self._lab.state_ports:
                 raise LabError(f"lab.redis().{command}{args!r}: one state server per tenant, and this "
                                f"names no tenant's key; use lab.redis(server=TENANT)")
-            if parts[1] not in self._clients:
+            if parts[1] not in self._clients or self._lab.sentinel_ports:  # the primary may have moved
                 self._clients[parts[1]] = self._lab.redis(server=parts[1])
             return getattr(self._clients[parts[1]], command)(*args, **kwargs)
         return call

@@ -137,6 +137,7 @@ class Topology:
     management: ipaddress.IPv4Network
     tenants: tuple[Tenant, ...]
     source: Path | None
+    state_replicas: int = 0  # replicas of each tenant's state server (Sentinel promotes one)
 
     def tenant(self, name: str) -> Tenant:
         """Return the tenant called ``name``; raise KeyError if there is none.
@@ -207,7 +208,8 @@ _FIELDS = {  # role of a value -> (what it must be, what to write)
     ),
     "fabric": ("a mapping with kind", "write e.g. 'fabric: {kind: ovs}', or leave it out"),
     "fabric.kind": ("a fabric kind", f"use one of {', '.join(FABRIC_KINDS)}"),
-    "state": ("a mapping with port", "write e.g. 'state: {port: 6379}', or leave it out"),
+    "state": ("a mapping with port and replicas", "write e.g. 'state: {port: 6379, replicas: 1}', or leave it out"),
+    "state.replicas": ("a number of replicas from 0 to 4", "use 0 (no replica) to 4, e.g. 'replicas: 1'"),
     "state.port": ("a TCP port from 1 to 65535", "use a TCP port from 1 to 65535, e.g. 6379"),
     "management": ("a mapping with subnet", "write e.g. 'management: {subnet: 198.18.0.0/24}'"),
     "management.subnet": (
@@ -768,6 +770,7 @@ def _topology(data: dict[str, Any], lines: Mapping[_Path, int], source: Path | N
         name=data["name"],
         fabric_kind=data.get("fabric", {}).get("kind", DEFAULT_FABRIC),
         state_port=int(data.get("state", {}).get("port", DEFAULT_STATE_PORT)),
+        state_replicas=int(data.get("state", {}).get("replicas", 0)),
         management=ipaddress.IPv4Network(
             data.get("management", {}).get("subnet", DEFAULT_MANAGEMENT)
         ),

@@ -161,9 +161,16 @@ def test_optional_sections_and_mac() -> None:
     text = text.replace("tenants:", "management: {subnet: 10.99.0.0/26}\ntenants:", 1)
     text = text.replace("b1: {ip: 10.0.0.1/24}", "b1: {ip: 10.0.0.1/24, mac: '02:AA:00:00:00:01'}")
     topo = loads(text)
-    assert (topo.fabric_kind, topo.state_port) == ("bmv2", 7000)
+    assert (topo.fabric_kind, topo.state_port, topo.state_replicas) == ("bmv2", 7000, 0)
     assert str(topo.management) == "10.99.0.0/26"
     assert topo.tenant("blue").host("b1").mac == "02:aa:00:00:00:01"
+
+
+def test_state_replicas(problem) -> None:
+    text = edit("fabric:\n  kind: ovs\n", "fabric: {kind: ovs}\nstate: {port: 7000, replicas: 2}\n")
+    assert loads(text).state_replicas == 2
+    found = problem(text.replace("replicas: 2", "replicas: 5"))
+    assert "state.replicas" in found.message and "0 (no replica) to 4" in found.hint
 
 
 def test_yaml_anchors_and_merge_keys_work_and_overrides_are_no_repeats() -> None:

@@ -1,5 +1,6 @@
-"""State continuity across instance crashes: CONT-1 .. CONT-5 (RFC 4303: ESP sequence numbers
-never reused, replay window; RFC 4787/5382: the NAT mapping stays the same)."""
+"""State continuity across crashes: CONT-1 .. CONT-5 of NF instances, CONT-6 of the state
+server's primary (RFC 4303: ESP sequence numbers never reused, replay window; RFC 4787/5382:
+the NAT mapping stays the same)."""
 
 from __future__ import annotations
 
@@ -188,6 +189,14 @@ class EspCapture(FabricTap):
             s.close()
 
 
+def _ipsec_pools(lab: Any, sc: Scenario) -> tuple[Any, Any]:
+    """The encrypting and the decrypting ipsec pool of ``sc``'s outbound chain (None if absent)."""
+    chain = lab.topo.tenant(sc.tenant).chain("outbound")
+    enc = next((p for p in chain if p.kind == "ipsec" and p.config.get("encrypt", "outbound") == "outbound"), None)
+    dec = next((p for p in chain if p.kind == "ipsec" and p is not enc), None)
+    return enc, dec
+
+
 @check("CONT-4")
 def cont_4(ctx: Context) -> Result:
     """No (SPI, sequence number) MUST appear twice on the wire across the failover of an IPsec
@@ -206,10 +215,7 @@ def cont_4(ctx: Context) -> Result:
     if not ipsec:
         return Result(SKIP, details="the topology has no ipsec pool that traffic can be driven through")
     sc = ipsec[0][0]
-    t = lab.topo.tenant(sc.tenant)
-    chain = t.chain("outbound")
-    enc = next((p for p in chain if p.kind == "ipsec" and p.config.get("encrypt", "outbound") == "outbound"), None)
-    dec = next((p for p in chain if p.kind == "ipsec" and p is not enc), None)
+    enc, dec = _ipsec_pools(lab, sc)
     if enc is None or dec is None:
         return Result(SKIP, details=f"tenant {sc.tenant} needs an encrypting and a decrypting ipsec pool "
                                     f"in its outbound chain")
@@ -299,3 +305,86 @@ def cont_5(ctx: Context) -> Result:
     return verdict(ok, f, "; ".join([*problems, f"{f.get('tcp_broken')} connections broken "
                                      f"{f.get('tcp_errors', '')}, {f['connections_moved']} seen by more than "
                                      f"one backend, {f['connections_unseen']} by none"]), png)
+
+
+@check("CONT-6")
+def cont_6(ctx: Context) -> Result:
+    """Killing (SIGKILL) a tenant's state-server primary under load MUST break no TCP
+    connection, change no NAT mapping and reuse no ESP (SPI, sequence number); the replica the
+    Sentinels promote MUST hold every sequence number already on the wire; the outage is
+    recorded.
+
+    For the first tenant with a NAT, with IPsec and with a firewall: UDP flows and TCP
+    connections run through its chain while its primary is killed; the lab waits for the
+    promotion and starts the killed server again as a replica. NFs must fail closed while no
+    primary answers (drops counted) and forward again after it.
+    """
+    lab = ctx.lab
+    if not getattr(lab, "sentinel_ports", None):
+        return Result(SKIP, details="the topology's state server has no replica, so there is no primary to "
+                                    "fail over (state: {replicas: 1} gives each tenant one)")
+    chosen: dict[str, tuple[Scenario, list[str]]] = {}
+    for kind in ("nat", "ipsec", "firewall"):
+        for sc, pool in ctx.pools(kind)[:1]:
+            chosen.setdefault(sc.tenant, (sc, []))[1].append(kind)
+    if not chosen:
+        return Result(SKIP, details="the topology has no nat, ipsec or firewall pool that traffic can be driven through")
+    per_tenant: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    first_png = None
+    for tenant, (sc, kinds) in chosen.items():
+        enc, dec = _ipsec_pools(lab, sc) if "ipsec" in kinds else (None, None)
+        cap = EspCapture(lab, [i for i in lab.pool_instances(tenant, dec.name) if i.in_pool]) if dec else None
+        try:
+            load = under_load(ctx, sc, lambda: lab.kill_state_primary(tenant), [f"{tenant}-"])
+        finally:
+            if cap is not None:
+                cap.stop()
+                cap.close()
+        f = load.figures()
+        f.update(load.event_result)
+        label = f"tenant {tenant} ({', '.join(kinds)})"
+        if not exercised(f):
+            problems.append(f"{label}: traffic could not be driven through its chain")
+        f["fail_closed_drops"] = sum(n for k, n in load.nf_drops.items()
+                                     if k.endswith(("/state_unavailable", "/state_unreplicated")))
+        if f["fail_closed_drops"] == 0:
+            problems.append(f"{label}: no NF dropped a packet for want of its state while the primary was "
+                            f"down, so nothing shows the NFs depended on it")
+        f["delivered_after_promotion"] = load.delivered_after(load.event_at + f["promoted_ms"] / 1000)
+        if f.get("udp_flows") and not f["delivered_after_promotion"]:
+            problems.append(f"{label}: no datagram sent after the promotion was delivered")
+        if f.get("tcp_broken"):
+            problems.append(f"{label}: {f['tcp_broken']} TCP connections broken {f.get('tcp_errors', '')}")
+        if "nat" in kinds:
+            remapped = {k: v["sources"] for k, v in (load.udp or {"flows": {}})["flows"].items()
+                        if len(v["sources"]) > 1}
+            f["flows_remapped"] = len(remapped)
+            if remapped:
+                f["remapped"] = dict(itertools.islice(remapped.items(), 5))
+                problems.append(f"{label}: {len(remapped)} flows changed external address:port")
+        if cap is not None and enc is not None:
+            seen = cap.seen
+            f["esp_packets"] = len(seen)
+            f["duplicate_spi_seq"] = len(seen) - len(set(seen))
+            spi = int(enc.config["sa_out"]["spi"])
+            top = max((q for s_, q in seen if s_ == spi), default=0)
+            stored = lab.redis(server=tenant).get(f"t:{tenant}:{enc.name}:seq:{spi}")
+            f["esp_top_seq_on_wire"], f["esp_counter_on_new_primary"] = top, int(stored or 0)
+            if not seen:
+                problems.append(f"{label}: no ESP packet reached the decrypting pool")
+            if f["duplicate_spi_seq"]:
+                problems.append(f"{label}: {f['duplicate_spi_seq']} (SPI, seq) pairs sent twice")
+            if f["esp_counter_on_new_primary"] < top:
+                problems.append(f"{label}: the promoted primary's counter ({f['esp_counter_on_new_primary']}) is "
+                                f"below sequence number {top}, already on the wire: it would be used again")
+        png = plot(ctx, load, f"CONT-6-{tenant}", f"CONT-6 SIGKILL of {tenant}'s state primary "
+                   f"(promoted after {f['promoted_ms']:.0f} ms)", f)
+        first_png = first_png or png
+        per_tenant[tenant] = f
+    f_all: dict[str, Any] = {"tenants": per_tenant,
+                             "max_promotion_ms": max(x["promoted_ms"] for x in per_tenant.values()),
+                             "max_outage_ms": max(x.get("max_outage_ms", 0.0) for x in per_tenant.values())}
+    summary = "; ".join(f"{t}: promoted after {x['promoted_ms']:.0f} ms, UDP outage {x.get('max_outage_ms', 0):.0f} ms, "
+                        f"{x.get('tcp_broken', 0)} TCP broken" for t, x in per_tenant.items())
+    return verdict(not problems, f_all, "; ".join(problems) or summary, first_png)

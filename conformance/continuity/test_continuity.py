@@ -1,4 +1,4 @@
-"""State continuity across instance crashes: CONT-1 .. CONT-5 (sentences in the checks module beside this file)."""
+"""State continuity across instance crashes: CONT-1 .. CONT-6 (sentences in the checks module beside this file)."""
 
 import pytest
 
@@ -23,3 +23,7 @@ def test_cont_4_ipsec_sequence_and_replay(conformance) -> None:
 
 def test_cont_5_lb_backend_survives(conformance) -> None:
     conformance("CONT-5")
+
+
+def test_cont_6_state_primary_failover(conformance) -> None:
+    conformance("CONT-6")
