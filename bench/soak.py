@@ -5,7 +5,9 @@
 The reference topology comes up (as lab ``soak``). UDP flows and echo-verified TCP connections
 run through every tenant's chain, in rounds of ``--round`` seconds, while events follow one
 another as fast as the lab performs them, each on a pool picked at random: scale-out,
-scale-in (drain), or SIGKILL of a random in-pool instance (never the last one). Every round's
+scale-in (drain), or SIGKILL of a random in-pool instance (never the last one); when the
+topology's state servers have replicas, also SIGKILL of the tenant's state primary (one event in
+20: the lab waits for the promotion and starts the killed server again as a replica). Every round's
 traffic is checked, and the run as a whole:
 
 - TCP connections broken (the sender's echo check: a reset, a stall, a wrong byte): must be 0;
@@ -43,6 +45,7 @@ from statelab.traffic import TcpStream, UdpStream
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MEMBERS = 4
+STATE_KILL_SHARE = 0.05  # of events, with replicas: SIGKILL of a state primary
 UDP_FLOWS, UDP_RATE, TCP_CONNECTIONS = 16, 200.0, 4
 MUST_BE_ZERO = ("tcp_broken", "udp_duplicates", "nat_remapped", "esp_duplicates", "leftovers")
 _ports = itertools.count(9000, 2)
@@ -66,7 +69,12 @@ def _event(lab: Any, rng: random.Random, pairs: list[tuple[Any, Any]], tap: EspC
     choices = ["scale-out"] if len(live) < MAX_MEMBERS else []
     if len(live) > 1:
         choices += ["scale-in", "kill"]
+    if lab.sentinel_ports and rng.random() < STATE_KILL_SHARE:
+        choices = ["state-kill"]
     what = rng.choice(choices)
+    if what == "state-kill":
+        lab.kill_state_primary(sc.tenant)
+        return f"{what} {sc.tenant}"
     if what == "scale-out":
         (new,) = lab.control.scale_out(sc.tenant, pool.name)
         if pool.kind == "ipsec":

@@ -409,6 +409,7 @@ class Firewall(NetworkFunction):
     def _track(self, flows: dict[str, list[_Item]], verdicts: list[Verdict]) -> None:
         """Read every connection of the batch, run its packets, write the changes; retry lost races."""
         pending = flows
+        checked_again = False
         for _ in range(CAS_TRIES):
             reads = self.state.batch()
             got = {key: (reads.get(key), reads.pttl(key)) for key in pending}
@@ -420,7 +421,17 @@ class Firewall(NetworkFunction):
                 if ref is not None:
                     cas[key] = ref
             writes.execute()
-            pending = {key: pending[key] for key, ref in cas.items() if not ref.value}
+            lost = {key: pending[key] for key, ref in cas.items() if not ref.value}
+            if not checked_again:
+                # a drop decided on a value no compare-and-set of ours confirmed may rest on a
+                # cached value another instance has just changed: read those from the server
+                # and decide again, once (a drop is rare; a wrong one can break a connection)
+                checked_again = True
+                doubtful = {key: items for key, items in pending.items() if key not in cas
+                            and any(isinstance(verdicts[i.index], Drop) for i in items)}
+                if doubtful and self.state.forget(list(doubtful)):
+                    lost.update(doubtful)
+            pending = lost
             if not pending:
                 return
         for items in pending.values():

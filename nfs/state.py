@@ -283,6 +283,13 @@ class StateClient:
         """A new, empty batch."""
         return Batch(self)
 
+    def forget(self, keys: Sequence[str]) -> bool:
+        """Read ``keys`` from the server next time, whatever is cached; True if any was
+        (nothing is here: only a caching client keeps anything). An NF about to drop a packet
+        on a value no write of its own has just confirmed calls it and, if True, decides again
+        on a fresh read: another instance's write may be on its way as an invalidation."""
+        return False
+
     def _execute(self, ops: list[tuple[str, tuple[Any, ...], Ref]]) -> list[Any]:
         raise NotImplementedError
 
@@ -407,6 +414,10 @@ class RedisState(StateClient):
         self._sha = {name: hashlib.sha1(s.lua.encode()).hexdigest() for name, s in SCRIPTS.items()}
         # key -> (value, deadline on the monotonic clock or 0.0 for none); value None: absent
         self.cache: dict[str, tuple[Optional[bytes], float]] = {}
+        self._hits: set[str] = set()  # keys the last batch that read answered from the cache
+        self._invalidated: dict[str, int] = {}  # key invalidated in this round trip -> replies before it
+        self._position = 0
+        self._invalidated_all = False
         self.cache_hits = 0
         self.invalidations = 0
 
@@ -497,6 +508,7 @@ class RedisState(StateClient):
                         raise ConnectionError("the state server closed the connection")
                     self._reader.feed(data)
                     continue
+                self._position = len(replies)
                 if not self._push(got):
                     replies.append(got)
             return replies
@@ -512,11 +524,22 @@ class RedisState(StateClient):
             keys = msg[1] if len(msg) > 1 else None
             if keys is None:  # the server forgot what we read (FLUSHALL, full table): forget it all
                 self.cache.clear()
+                self._invalidated_all = True
             else:
                 for k in keys:
-                    self.cache.pop(k.decode(), None)
+                    name = k.decode()
+                    self.cache.pop(name, None)
+                    self._invalidated[name] = self._position
                 self.invalidations += len(keys)
         return True
+
+    def forget(self, keys: Sequence[str]) -> bool:
+        """True if the last batch that read answered any of ``keys`` from the cache."""
+        stale = False
+        for k in keys:
+            self.cache.pop(self.prefix + k, None)
+            stale |= k in self._hits
+        return stale
 
     def _poll_invalidations(self) -> None:
         """Apply the invalidations already on the socket, without waiting."""
@@ -567,6 +590,8 @@ class RedisState(StateClient):
             if self._sock is None:
                 self.connect()
         cache, now, prefix = self.cache, time.monotonic(), self.prefix
+        if any(op in ("get", "pttl") for op, _, _ in ops):
+            self._hits.clear()
         results: list[Any] = [None] * len(ops)
         remote: list[int] = []
         written: set[str] = set()
@@ -584,6 +609,7 @@ class RedisState(StateClient):
                 hit = cache.get(prefix + k)
                 if hit is not None and (not hit[1] or hit[1] > now):
                     self.cache_hits += 1
+                    self._hits.add(k)
                     if op == "get":
                         results[i] = hit[0]
                     else:
@@ -609,6 +635,11 @@ class RedisState(StateClient):
         if wait:
             payload += pack_command("WAIT", wait, self.wait_timeout_ms)
         sent_at = time.monotonic()
+        # an invalidation that arrives among this batch's replies after the reply to our read
+        # of that key is of a write made after the read: that value must not be kept (and the
+        # server, having told us, no longer tracks the key for us); one before it is older
+        self._invalidated.clear()
+        self._invalidated_all = False
         replies = self._round_trip(payload, len(remote) + len(extra) + (1 if wait else 0))
         acked = replies.pop() if wait else None
         missing = [j for j, r in enumerate(replies[:len(remote)])
@@ -628,16 +659,16 @@ class RedisState(StateClient):
         for r in replies:
             if isinstance(r, Exception):  # NOPERM, BUSY, OOM, ...: the server refused the batch
                 raise StateUnavailable(f"state server refused an operation: {r}", "state_refused")
-        values: dict[str, list[Any]] = {}
-        for i, r in zip(remote, replies):
+        values: dict[str, list[Any]] = {}  # key -> [value, pttl, index of its first reply]
+        for j, (i, r) in enumerate(zip(remote, replies)):
             op, args, _ = ops[i]
             if op in ("set", "expire"):
                 r = bool(r) if op == "expire" else r is not None
             results[i] = r
             if op in ("get", "pttl") and args[0] not in written:
-                values.setdefault(args[0], [_UNSET, _UNSET])[op == "pttl"] = r
-        for (k, what), r in zip(extra, replies[len(remote):]):
-            values.setdefault(k, [_UNSET, _UNSET])[what == "pttl"] = r
+                values.setdefault(args[0], [_UNSET, _UNSET, j])[op == "pttl"] = r
+        for j, ((k, what), r) in enumerate(zip(extra, replies[len(remote):]), len(remote)):
+            values.setdefault(k, [_UNSET, _UNSET, j])[what == "pttl"] = r
         if self.caching:
             self._remember(values, sent_at)
         return results
@@ -649,8 +680,11 @@ class RedisState(StateClient):
         if len(cache) + len(values) > CACHE_MAX:
             for k in list(cache)[:len(cache) // 2]:
                 del cache[k]
-        for k, (value, pttl) in values.items():
-            if value is _UNSET or pttl is _UNSET:
+        if self._invalidated_all:
+            return
+        gone = self._invalidated
+        for k, (value, pttl, first) in values.items():
+            if value is _UNSET or pttl is _UNSET or (gone and gone.get(self.prefix + k, -1) > first):
                 continue
             if pttl == -2 or value is None:
                 cache[self.prefix + k] = (None, 0.0)

@@ -88,8 +88,10 @@ def udp_send(dst: str, port: int, flows: int, rate: float, packets: Optional[int
             "by_send_time": {str(k / 10): n for k, n in sorted(by_send_time.items())}}
 
 
-def udp_sink(port: int, duration: float, idle: float) -> dict[str, Any]:
-    """Receive datagrams for up to ``duration`` s; stop after ``idle`` s of silence once some came.
+def udp_sink(port: int, duration: float, idle: float, sending: float = 0.0) -> dict[str, Any]:
+    """Receive datagrams for up to ``duration`` s; stop after ``idle`` s of silence once some
+    came and ``sending`` s (how long the sender sends) have passed: an outage while the sender
+    still sends (a failover of several seconds) is measured, it does not end the sink.
 
     Returns:
         ``{"flows": {flow: {"received", "duplicates", "reordered", "max_gap_ms", "sources"}}, "total",
@@ -104,10 +106,12 @@ def udp_sink(port: int, duration: float, idle: float) -> dict[str, Any]:
     top: dict[int, int] = {}
     last_at: dict[int, float] = {}
     end = time.monotonic() + duration
+    busy_until = time.monotonic() + sending
     last_rx: Optional[float] = None
     by_send_time: dict[int, int] = {}
     while time.monotonic() < end:
-        if last_rx is not None and time.monotonic() - last_rx > idle:
+        now = time.monotonic()
+        if last_rx is not None and now - last_rx > idle and now > busy_until:
             break
         r, _, _ = select.select([s], [], [], 0.1)
         if not r:
@@ -295,6 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--port", type=int, default=5001)
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--idle", type=float, default=1.0)
+    p.add_argument("--sending", type=float, default=0.0)
     p = sub.add_parser("tcp-sink")
     p.add_argument("--port", type=int, default=5002)
     p.add_argument("--duration", type=float, default=60.0)
@@ -318,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = udp_send(args.dst, args.port, args.flows, args.rate, args.packets, args.duration,
                        args.size, args.first_sport)
     elif args.tool == "udp-sink":
-        out = udp_sink(args.port, args.duration, args.idle)
+        out = udp_sink(args.port, args.duration, args.idle, args.sending)
     elif args.tool == "tcp-sink":
         out = tcp_sink(args.port, args.duration)
     else:
@@ -390,7 +395,8 @@ class UdpStream:
                  packets: Optional[int] = None, duration: Optional[float] = None, port: int = 5001,
                  first_sport: int = 20000, idle: float = 1.0) -> None:
         self.expected = duration if duration is not None else (packets or 0) * flows / rate
-        self.sink = _tool(lab, dst, "udp-sink", "--port", port, "--duration", self.expected + 30, "--idle", idle)
+        self.sink = _tool(lab, dst, "udp-sink", "--port", port, "--duration", self.expected + 30, "--idle", idle,
+                          "--sending", self.expected)
         _json_line(self.sink, 15)
         args = ["--packets", packets] if packets is not None else ["--duration", duration]
         self.sender = _tool(lab, src, "udp-send", dst_ip, "--port", port, "--flows", flows, "--rate", rate,

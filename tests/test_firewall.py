@@ -139,6 +139,29 @@ def test_connection_lifecycle_on_alternating_instances(pool: Pool) -> None:
         assert ttl - 2000 < pttl <= ttl, (state, pttl)
 
 
+def test_a_drop_on_a_stale_cached_entry_is_decided_again_on_the_server_value(redis_clean) -> None:
+    """Another instance's write reaches a caching instance as an invalidation a moment later; a
+    packet that the stale entry would drop (here an ACK of data only the other instance saw)
+    is checked again against the server before it is dropped."""
+    pool = Pool("cached", redis_clean)
+    a, b = pool.nf(name="fw-a"), pool.nf(name="fw-b")
+    c = Conversation()
+    for pkt in (c.seg("S"), c.seg("SA", IN), c.seg("A")):
+        assert passes(a, pkt)
+    key = a.state.key(WEB)
+    stale = a.state.cache[key]
+    assert passes(b, c.seg("PA", IN, payload=b"hello"))             # the server's data, through b only
+    deadline = time.monotonic() + 5
+    while key in a.state.cache:                                      # a hears of b's write ...
+        a.state._poll_invalidations()
+        assert time.monotonic() < deadline
+    a.state.cache[key] = stale                                       # ... as if it had not yet
+    trips = a.state.round_trips
+    assert passes(a, c.seg("A")), reason(a, c.seg("A", ack=c.nxt[IN]))
+    assert a.state.round_trips == trips + 2                          # the fresh read, then the write
+    assert entry(pool)[0].state == "ESTABLISHED"
+
+
 def test_new_connections_follow_the_rules_first_match_wins(pool: Pool) -> None:
     fw = pool.nf()
     assert reason(fw, tcp("S", IN, sport=22)) == "denied_by_rule"           # default deny inbound

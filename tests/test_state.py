@@ -122,6 +122,32 @@ def test_cache_answers_reads_and_learns_of_other_clients_writes(redis_clean) -> 
     assert run(a, lambda x: [x.pttl("k")]) == [-1]  # SET without PX cleared the TTL: read again, not kept
 
 
+def test_an_invalidation_among_the_replies_keeps_the_value_read_out_of_the_cache(redis_clean) -> None:
+    """The server can send an invalidation of a key after the reply to our GET of it (another
+    client wrote it in between) and before our last reply: the value read is already stale
+    and the server tracks the key for us no more, so it must not be cached."""
+    a, b = (RedisState(redis_clean.url("red"), "red", "fw") for _ in range(2))
+    run(b, lambda x: [x.set("k", "v1")])
+    a.connect()
+    real = a._round_trip
+
+    def write_in_between(payload: bytes, count: int) -> list:
+        replies = real(payload, count)  # our GET's reply was v1 ...
+        run(b, lambda x: [x.set("k", "v2")])  # ... then b writes, and its invalidation comes
+        a._position = 1                       # after that first reply, before the others
+        before = a.invalidations
+        deadline = time.monotonic() + 5
+        while a.invalidations == before:      # the server's own push, read as if among the replies
+            a._poll_invalidations()
+            assert time.monotonic() < deadline
+        return replies
+
+    a._round_trip = write_in_between  # type: ignore[method-assign]
+    assert run(a, lambda x: [x.get("k"), x.pttl("k"), x.get("other")]) == [b"v1", -1, None]
+    a._round_trip = real  # type: ignore[method-assign]
+    assert run(a, lambda x: [x.get("k")]) == [b"v2"]  # read from the server, not the stale v1
+
+
 def test_own_writes_are_read_back_in_the_same_round_trip(redis_clean) -> None:
     a = RedisState(redis_clean.url("red"), "red", "fw")
     assert run(a, lambda x: [x.get("n"), x.pttl("n"), x.incrby("n", 5), x.get("n")]) == [None, -2, 5, b"5"]

@@ -17,6 +17,11 @@ The positive half: each tenant's user does on its own keys what its NFs do, thro
 own state client (every operation of ``nfs.state``, the scripts by SHA), and client tracking in
 default mode delivers it an invalidation. A server that refuses everything FAILs too.
 
+With replicas (``state: {replicas: N}``) the levers reach them and the Sentinels too: a
+tenant may not write to its replica, promote it (``REPLICAOF NO ONE``, ``FAILOVER``), log in
+to another tenant's replica, or ask a Sentinel anything but where a primary is (no
+``SENTINEL FAILOVER``, ``SET``, ``REMOVE``, ``MONITOR``, ``RESET``, ``CONFIG``, listing).
+
 With one tenant the levers against the server itself still run (there is no other tenant's
 key, channel or server to try): a tenant that may flush, reconfigure, watch or stall its state
 server is a hole whoever shares that server. SHUTDOWN, SWAPDB and ACL SETUSER are not tried (if
@@ -40,7 +45,7 @@ SECRET = "t:{t}:iso4:secret"      # written by the admin on each tenant's server
 NF_TIMEOUT = 1.0                  # nfs.state.RedisState's socket timeout: past it, NFs fail closed
 FILL_VALUE = 512 << 10            # bytes per SET when filling memory
 HEAVY_WINDOW = 10_000_000         # replay window of the heaviest script a tenant may run
-REFUSAL_CODES = ("NOPERM", "WRONGPASS", "NOAUTH")
+REFUSAL_CODES = ("NOPERM", "WRONGPASS", "NOAUTH", "READONLY")
 LUA_LOOP = "while true do end"
 LIBRARY = "#!lua name=iso4\nredis.register_function('iso4', function() return 1 end)"
 
@@ -526,6 +531,46 @@ def _fill_memory(p: Probe, lv: Levers, a: str, others: list[str], figures: dict[
                                      + (f"; {', '.join(others)} still wrote" if others else ""))
 
 
+def _replication_levers(p: Probe, lv: Levers, a: str, others: list[str]) -> None:
+    """Levers against ``a``'s replicas, other tenants' replicas and the Sentinels."""
+    lab = p.lab
+    primary = lab.state_port(a)
+    own = SECRET.format(t=a)
+    user, pw = f"tenant-{a}", lab.passwords[a]
+    for port in [x for x in lab.state_servers(a) if x != primary]:
+        for args in (("SET", own, "x"), ("REPLICAOF", "NO", "ONE"), ("FAILOVER",), ("CONFIG", "SET", "replica-read-only", "no")):
+            c = Resp(lab.state_ip, port)
+            try:
+                c.call("AUTH", user, pw)
+                lv.command(f"{a} {' '.join(args[:2])} at its replica (port {port})", c, *args)
+            finally:
+                c.close()
+        for b in others:
+            c = Resp(lab.state_ip, [x for x in lab.state_servers(b) if x != lab.state_port(b)][0])
+            try:
+                lv.command(f"{a} logs in to {b}'s replica", c, "AUTH", user, pw)
+            finally:
+                c.close()
+    c = Resp(lab.state_ip, primary)
+    try:
+        c.call("AUTH", user, pw)
+        lv.command(f"{a} FAILOVER at its primary", c, "FAILOVER")
+    finally:
+        c.close()
+    service = f"tenant-{a}"
+    for port in lab.sentinel_ports:
+        for args in (("SENTINEL", "FAILOVER", service), ("SENTINEL", "SET", service, "down-after-milliseconds", "1"),
+                     ("SENTINEL", "REMOVE", service), ("SENTINEL", "MONITOR", "iso4", lab.state_ip, str(primary), "1"),
+                     ("SENTINEL", "RESET", "*"), ("SENTINEL", "MASTERS"), ("SENTINEL", "REPLICAS", service),
+                     ("SENTINEL", "CONFIG", "SET", "resolve-hostnames", "yes"), ("ACL", "LIST"), ("CLIENT", "LIST"),
+                     ("AUTH", user, pw)):
+            c = Resp(lab.state_ip, port)
+            try:
+                lv.command(f"{a} {' '.join(args[:2])} at Sentinel {port}", c, *args)
+            finally:
+                c.close()
+
+
 @check("ISO-4")
 def iso_4(ctx: Context) -> Result:
     """One tenant's state credentials MUST NOT read, write, enumerate, watch or stall another
@@ -558,6 +603,8 @@ def iso_4(ctx: Context) -> Result:
             _tracking_broadcast(p, lv, a, others)
             _long_script(p, lv, a, others, figures)
             _server_levers(p, lv, a)
+            if p.lab.sentinel_ports:
+                _replication_levers(p, lv, a, others)
         first, rest = tenants[0], tenants[1:]
         _heavy_script(p, lv, first, rest, figures)
         _fill_memory(p, lv, first, rest, figures)
