@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 from conformance.load import Context
-from conformance.core import FAIL, SKIP, Result, registry
+from conformance.core import FAIL, PASS, SKIP, Result, registry
 from conformance.plugin import running_lab
 from statelab.spec import Topology, load
 
@@ -229,9 +231,67 @@ def test_cont_4_fails_when_ipsec_checks_only_the_windows_left_edge() -> None:
         result.figures["replays_too_old_sent"]
 
 
+# -- a state primary that dies while its replica lags ------------------------------------------
+
+@contextlib.contextmanager
+def lagging_replica_on_kill(lab: Any, lag: float = 0.4) -> Iterator[None]:
+    """Make each state-primary kill happen after ``lag`` s in which its replication stream
+    reached no replica (nftables in the state server's namespace drops the primary's
+    segments to its replicas, as a broken link would lose them): what the primary took in
+    meanwhile is on it alone, and goes with it."""
+    import time
+    real = lab.kill_state_primary
+
+    def nft(*args: str) -> None:
+        out = lab.state_node.cmd("nft " + " ".join(shlex.quote(a) for a in args) + "; echo rc=$?")
+        assert out.strip().endswith("rc=0"), out
+
+    def kill(tenant: str) -> Any:
+        primary = lab.state_port(tenant)
+        links = [c["addr"] for c in lab._admin(primary).client_list(_type="replica")]
+        nft("add table inet cflag")
+        nft("add chain inet cflag out { type filter hook output priority 0 ; }")
+        for addr in links:
+            nft(f"add rule inet cflag out tcp sport {primary} tcp dport {addr.rsplit(':', 1)[1]} drop")
+        try:
+            time.sleep(lag)  # the lag itself: writes pile up on the primary only
+            lab.state_procs[(tenant, primary)].send_signal(signal.SIGKILL)
+            lab.state_procs[(tenant, primary)].wait()
+            # held until the promotion: the dead primary's kernel would still deliver what it had
+            # queued, and a replica takes it until it is told it is the primary
+            return real(tenant)
+        finally:
+            nft("delete table inet cflag")
+
+    lab.kill_state_primary = kill
+    try:
+        yield
+    finally:
+        del lab.kill_state_primary
+
+
+@pytest.mark.parametrize("waits", [True, False], ids=["nfs-wait", "nfs-do-not-wait"])
+def test_cont_6_fails_when_nfs_use_writes_no_replica_holds(waits: bool) -> None:
+    """The same lagging replica: NFs that WAIT fail closed during the lag and reuse nothing
+    (PASS); NFs that do not put sequence numbers on the wire that the promoted replica never
+    saw, and hand them out again (FAIL)."""
+    nowait = (sys.executable, "-m", "tests.brokennfs.nowait", "ipsec")
+    topo = variant("cf-lag", {"green"}, commands=None if waits else {"green/gwa": nowait, "green/gwb": nowait})
+    with contextlib.contextmanager(running_lab)(dataclasses.replace(topo, state_replicas=1)) as lab:
+        with lagging_replica_on_kill(lab):
+            result = run(lab, "CONT-6")
+    green = result.figures["tenants"]["green"]
+    if waits:
+        assert result.verdict == PASS, result.details
+        assert green["duplicate_spi_seq"] == 0 and green["esp_counter_on_new_primary"] >= green["esp_top_seq_on_wire"]
+    else:
+        assert result.verdict == FAIL, {k: green.get(k) for k in ("duplicate_spi_seq", "esp_top_seq_on_wire", "esp_counter_on_new_primary", "esp_packets", "promoted_ms", "nf_drops")}
+        assert green["duplicate_spi_seq"] > 0 or green["esp_counter_on_new_primary"] < green["esp_top_seq_on_wire"]
+
+
 # -- a topology with nothing to drive traffic through ----------------------------------------
 
-PER_POOL = ["ISO-3", "SCALE-1", "SCALE-2", "CONT-1", "CONT-2", "CONT-3", "CONT-4", "CONT-5"]
+PER_POOL = ["ISO-3", "SCALE-1", "SCALE-2", "CONT-1", "CONT-2", "CONT-3", "CONT-4", "CONT-5", "CONT-6"]
 
 
 @pytest.fixture(scope="module")
