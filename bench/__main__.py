@@ -65,6 +65,12 @@ def packet_loop(repeat: int, rounds: int, progress: Any) -> dict[str, Any]:
                     progress(f"P1: {kind} {proto}, redis ÷ in-process")
                     out["P1"][f"{kind}/{proto}"] = _pair(path, gen, (kind, proto, "local"),
                                                          (kind, proto, "redis"), repeat, rounds)
+            out["state_server"] = {}
+            for kind in ("firewall", "nat", "lb"):
+                for proto in ("tcp", "udp"):
+                    progress(f"state server: {kind} {proto}, Redis with a replica (WAIT 1) ÷ one Redis")
+                    out["state_server"][f"{kind}/{proto}"] = _pair(path, gen, (kind, proto, "redis"),
+                                                                   (kind, proto, "redis-replica"), repeat, rounds)
             for kind, state in (("firewall", "redis"), ("forward", "none")):
                 for proto in ("tcp", "udp"):
                     progress(f"P2: {kind} {proto} ÷ echo loop")
@@ -105,6 +111,9 @@ def table(res: dict[str, Any]) -> str:
         goal = GOALS["forward"] if name.startswith("forward") else GOALS["P2"]
         rows.append((f"P2 {name} ÷ echo loop ({r['b_pps']:.0f} / {r['a_pps']:.0f} pps)", f"{r['ratio']:.2f}",
                      f"≥ {goal}"))
+    for name, r in res.get("state_server", {}).items():
+        rows.append((f"state server {name}: with a replica (WAIT 1) ÷ one Redis ({r['b_pps']:.0f} / "
+                     f"{r['a_pps']:.0f} pps)", f"{r['ratio']:.2f}", ""))
     for name, r in res.get("P1", {}).items():
         if "server_commands_per_packet" in r:
             rows.append((f"state-server commands per packet, {name}", f"{r['server_commands_per_packet']:.3f}", ""))

@@ -44,11 +44,15 @@ def _phases(kind: str, proto: str, flows: Flows, rounds: int) -> tuple[list[list
 
 def measure(path: NfPath, gen: Generator, kind: str, proto: str, state: str, flows: int = 1000,
             rounds: int = 40, window: int = 256, batch: int = 64) -> dict[str, Any]:
-    """One NF (``state`` "redis", "local" or "none") over ``flows`` established flows."""
+    """One NF (``state`` "redis", "redis-replica": Redis with a replica acknowledging every
+    batch that writes, "local" or "none") over ``flows`` established flows."""
     pool = f"{kind}-{proto}-{state}"
     url: Optional[str] = None
-    if state == "redis":
+    if state in ("redis", "redis-replica"):
         url = path.start_redis(TENANT)  # loads the NF scripts once; FLUSHALL keeps them
+        if state == "redis-replica":
+            path.start_replica()
+            url += "?wait=1"
         path.flush()
     elif state == "local":
         url = "local:"
@@ -61,11 +65,11 @@ def measure(path: NfPath, gen: Generator, kind: str, proto: str, state: str, flo
             if got["lost"]:
                 raise BenchError(f"{kind} ({state} state) dropped {got['lost']} of {len(phase)} setup frames: "
                                  f"{nf.read_counters().get('drops')}; log {nf.log}")
-        if state == "redis":
+        if state.startswith("redis"):
             path.admin().config_resetstat()
         got = gen.drive(work, window)
         out = {k: got[k] for k in ("sent", "received", "lost", "seconds", "pps", "generator_cpu")}
-        if state == "redis":
+        if state.startswith("redis"):
             cmds = path.commands()
             cmds.pop("config|resetstat", None)
             cmds.pop("info", None)

@@ -56,6 +56,7 @@ class NfPath:
         self.dir = Path(tempfile.mkdtemp(prefix="statelab-bench-"))
         self.procs: list[subprocess.Popen] = []
         self.redis: Optional[subprocess.Popen] = None
+        self.replica: Optional[subprocess.Popen] = None
         self.redis_port = 0
         self.password = "bench-" + os.urandom(8).hex()
 
@@ -77,12 +78,12 @@ class NfPath:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for p in self.procs + ([self.redis] if self.redis else []):
+        for p in self.procs + [r for r in (self.redis, self.replica) if r is not None]:
             if p.poll() is None:
                 p.kill()
             p.wait()
         self.procs = []
-        self.redis = None
+        self.redis = self.replica = None
         subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True)
         subprocess.run(["ip", "link", "delete", self.gen_if], capture_output=True)
 
@@ -119,6 +120,28 @@ class NfPath:
         for s in SCRIPTS.values():
             self.admin().script_load(s.lua)
         return self.state_url(tenant)
+
+    def start_replica(self) -> None:
+        """A replica of the state server on the namespace's loopback, acknowledging its writes
+        (a write followed by WAIT 1 returns 1) before this returns."""
+        if self.replica is not None:
+            return
+        self.replica = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, "redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port + 1),
+             "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--replicaof", "127.0.0.1",
+             str(self.redis_port)],
+            stdout=open(self.dir / "replica.log", "w"), stderr=subprocess.STDOUT)
+        admin = self.admin()
+        deadline = time.monotonic() + 10
+        while True:
+            if self.replica.poll() is not None:
+                raise BenchError(f"the replica exited {self.replica.returncode}: "
+                                 f"{(self.dir / 'replica.log').read_text()[-600:]}")
+            admin.set("bench:replicated", "1", px=1000)
+            if admin.execute_command("WAIT", 1, 100) >= 1:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError("the replica acknowledged nothing within 10 s")
 
     def state_url(self, tenant: str) -> str:
         return f"redis://tenant-{tenant}@127.0.0.1:{self.redis_port}/0"

@@ -25,6 +25,7 @@ EVENT_AT = 1.5
 UDP_FLOWS = 64
 UDP_RATE = 400.0
 TCP_CONNECTIONS = 12
+TCP_STALL = 5.0  # s without an echo: a broken connection (an NF failover costs milliseconds)
 TCP_PPS = 80.0  # switch packets/s one echo-verified connection costs (1 KB each way every 50 ms, ACKs)
 
 
@@ -235,7 +236,7 @@ class Load:
 
 def under_load(ctx: Context, sc: Scenario, event: Callable[[], Any], follow: list[str],
                udp: bool = True, tcp: bool = True, duration: float = LOAD_SECONDS,
-               at: float = EVENT_AT) -> Load:
+               at: float = EVENT_AT, tcp_stall: float = TCP_STALL) -> Load:
     """Run UDP flows and TCP connections through ``sc`` for ``duration`` s; call ``event`` at ``at`` s.
 
     Args:
@@ -244,6 +245,7 @@ def under_load(ctx: Context, sc: Scenario, event: Callable[[], Any], follow: lis
         event: what happens under load (scale out, kill, ...); its return value is kept.
         follow: instance id prefixes the timeline follows.
         udp, tcp: which traffic to run.
+        tcp_stall: seconds without an echo after which a TCP connection counts as broken.
     """
     lab = ctx.lab
     port = next(_ports)
@@ -258,7 +260,7 @@ def under_load(ctx: Context, sc: Scenario, event: Callable[[], Any], follow: lis
              if udp and sc.udp else None)
         t = (TcpStream(lab, sc.client, sc.servers[0], sc.dst_ip, connections=profile.tcp_connections,
                        duration=duration, port=sc.tcp_port or port + 1, sinks=sc.servers,
-                       sink_port=sc.server_port)
+                       sink_port=sc.server_port, stall=tcp_stall)
              if tcp else None)
         time.sleep(at)
         event_at = time.time()

@@ -360,13 +360,14 @@ class RedisState(StateClient):
     checks with ``ROLE`` that it is one (a Sentinel's answer can be a moment old). A batch that
     writes ends its pipeline with ``WAIT N``: its packets go on only once N replicas hold the
     writes, so a primary that dies loses nothing a packet already depended on (above all no ESP
-    sequence number: see docs/state.md); fewer acknowledgements fail the batch closed
+    sequence number: docs/contracts.md, "Replicas and failover"); fewer acknowledgements fail the batch closed
     (``state_unreplicated``). A lost primary fails batches closed until the Sentinels name
     another.
 
     Args:
-        url: ``redis://user@host:port/db`` (or ``redis://user:password@...``), or the
-            Sentinel form above.
+        url: ``redis://user@host:port/db`` (or ``redis://user:password@...``; ``?wait=N``
+            makes batches that write wait for N replicas of that server), or the Sentinel
+            form above.
         tenant: tenant name.
         nf: NF name within the tenant.
         timeout: socket timeout in seconds; past it the batch fails closed.
@@ -402,6 +403,8 @@ class RedisState(StateClient):
             self._user = unquote(u.username) if u.username else "default"
             self._password = unquote(u.password) if u.password else password
             self._db = int(u.path.strip("/") or 0)
+            query = dict(q.split("=", 1) for q in u.query.split("&") if "=" in q)
+            self.wait_replicas = int(query.get("wait", 0))  # a primary with replicas, no Sentinel
         else:
             raise ValueError(f"state URL {url!r}: only redis://user@host:port/db or "
                              f"redis+sentinel://user@host:port[,host:port]/service is supported")

@@ -58,7 +58,10 @@ TENANT_COMMANDS = ("get", "set", "pttl", "incrby", "pexpire", "expire", "del", "
 STATE_MAXMEMORY = 64 << 20        # bytes of data per tenant; full: writes fail (noeviction)
 STATE_DATA_LIMIT = 256 << 20      # RLIMIT_DATA of each redis-server: bounds script memory too
 SENTINELS, SENTINEL_QUORUM = 3, 2  # with replicas: Sentinels, and how many must agree a primary is down
-SENTINEL_DOWN_AFTER_MS = 500      # a primary silent this long is down (for one Sentinel)
+# a primary silent this long is down for one Sentinel. A Sentinel PINGs every min(this, 1 s)
+# and counts silence from when its link to a just-promoted primary opened: at 500 or 1000 ms it
+# sometimes took the primary it had just promoted for down and failed back; 2000 leaves margin
+SENTINEL_DOWN_AFTER_MS = 2000
 SENTINEL_FAILOVER_TIMEOUT_MS = 5000
 FAILOVER_TIMEOUT = 15.0           # seconds kill_state_primary waits for a promotion
 # NF processes run as one unprivileged uid per tenant (no passwd entry needed, like systemd's
@@ -545,7 +548,7 @@ class Lab:
 
         With ``state: {replicas: R}`` each tenant's server has R replicas (replica j on port
         ``state.port + j * tenants + i``) and three Sentinels (after the last replica's port)
-        watch every primary: see :meth:`kill_state_primary` and docs/state.md."""
+        watch every primary: see :meth:`kill_state_primary` and docs/contracts.md, "Replicas and failover"."""
         replicas = self.topo.state_replicas
         self.progress(f"starting the state servers (one redis-server per tenant, {len(self.topo.tenants)}"
                       + (f", each with {replicas} replica(s) and 3 Sentinels)" if replicas else ")"))
@@ -624,24 +627,46 @@ class Lab:
                 raise ProcessFailed(f"{what} (not ready after {READY_TIMEOUT:.0f}s)", None, _tail(log))
             time.sleep(0.05)
 
-    def _wait_replicas_online(self, tenant: str, primary: int, count: int) -> None:
+    def _wait_replicas_online(self, tenant: str, primary: Optional[int], count: int) -> None:
         """Until a write on the primary on ``primary`` is acknowledged by ``count`` replicas
         (WAIT), as an NF's will be: a replica just synced acknowledges only from its first
         periodic ACK, up to a second later. The probe key (outside every tenant's keys)
-        expires at once."""
+        expires at once. ``primary`` None: whichever the Sentinels name now (it may change
+        while we wait)."""
         deadline = time.monotonic() + READY_TIMEOUT
+        fixed = primary
         while True:
             try:
+                primary = fixed if fixed is not None else self.state_port(tenant)
                 admin = self._admin(primary)
                 admin.set("statelab:replicated", "1", px=1000)
                 if admin.execute_command("WAIT", count, 100) >= count:
                     return
+                if fixed is None:
+                    self._follow_primary(tenant, primary)
             except Exception:
                 pass
             if time.monotonic() > deadline:
+                try:
+                    info = self._admin(primary).info("replication")
+                except Exception as err:
+                    info = {"error": str(err)}
+                logs = "".join(f"\n--- {log.name}:\n{_tail(log)}" for log in sorted(self.run_dir.glob(f"redis-{tenant}-*.log")))
                 raise LabError(f"tenant {tenant}'s state primary (port {primary}) does not see {count} replica(s) "
-                               f"online after {READY_TIMEOUT:.0f}s (logs: {self.run_dir}/redis-{tenant}-*.log)")
+                               f"acknowledge a write after {READY_TIMEOUT:.0f}s; its replication: {info}{logs}")
             time.sleep(0.05)
+
+    def _follow_primary(self, tenant: str, primary: int) -> None:
+        """Point every other server of ``tenant`` that is not a replica of ``primary`` at it,
+        as the Sentinels would some seconds later (e.g. one left over from a failover that
+        followed another)."""
+        for port in self.state_servers(tenant):
+            if port == primary or self.state_procs[(tenant, port)].poll() is not None:
+                continue
+            other = self._admin(port)
+            info = other.info("replication")
+            if info.get("role") != "slave" or int(info.get("master_port", 0)) != primary:
+                other.execute_command("REPLICAOF", self.state_ip, primary)
 
     def _start_sentinel(self, port: int) -> tuple[int, subprocess.Popen, Path]:
         """One Redis Sentinel watching every tenant's primary. Anyone may ask it where a
@@ -814,7 +839,7 @@ class Lab:
         _, port, again, log = self._start_state_process(tenant, old, replica_of=new)
         self._wait_state_process(tenant, port, again, log)
         self.load_state_scripts([old])
-        self._wait_replicas_online(tenant, new, self.topo.state_replicas)
+        self._wait_replicas_online(tenant, None, self.topo.state_replicas)
         return {"tenant": tenant, "killed_port": old, "new_primary_port": new,
                 "promoted_ms": round(promoted_ms, 1), "healed_ms": round((time.monotonic() - t0) * 1000, 1)}
 

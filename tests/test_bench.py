@@ -26,7 +26,8 @@ def test_bench_packet_loop_writes_every_figure(tmp_path: Path) -> None:
     got = json.loads(out.read_text())
     assert set(got["P1"]) == {f"{k}/{p}" for k in ("firewall", "nat", "lb") for p in ("tcp", "udp", "new-udp")}
     assert set(got["P2"]) == {f"{k}/{p}" for k in ("firewall", "forward") for p in ("tcp", "udp")}
-    for name, r in {**got["P1"], **got["P2"]}.items():
+    assert set(got["state_server"]) == {f"{k}/{p}" for k in ("firewall", "nat", "lb") for p in ("tcp", "udp")}
+    for name, r in {**got["P1"], **got["P2"], **got["state_server"]}.items():
         assert r["lost"] == 0 and r["a_pps"] > 0 and r["b_pps"] > 0 and r["ratio"] > 0, (name, r)
     for name, r in got["P1"].items():  # counted on the server; a new flow costs commands
         assert r["server_commands_per_packet"] >= (1 if name.endswith("new-udp") else 0), (name, r)

@@ -176,6 +176,21 @@ def test_primary_killed_fails_closed_then_counts_on_from_the_promoted_replica(re
     assert got % 100 == 0
 
 
+def test_a_plain_url_may_wait_for_the_servers_replicas(replicated: Replicated) -> None:
+    """``redis://...?wait=1``: WAIT on a primary named directly (no Sentinel), as the benchmark
+    measures it."""
+    url = f"redis://tenant-red:{replicated.pw['red']}@127.0.0.1:{replicated.ports['a']}/0?wait=1"
+    state = RedisState(url, "red", "gw")
+    assert state.wait_replicas == 1
+
+    def waits() -> int:
+        return replicated.admin(replicated.ports["a"]).info("commandstats")["cmdstat_wait"]["calls"]
+    before = waits()
+    assert _run(state, lambda b: [b.incrby("n", 1)]) == [1]
+    assert waits() == before + 1
+    assert RedisState(url.replace("?wait=1", ""), "red", "gw").wait_replicas == 0
+
+
 def test_sentinel_url_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="host:port"):
         RedisState("redis+sentinel://u@localhost/svc", "red", "gw")

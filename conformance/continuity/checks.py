@@ -189,6 +189,10 @@ class EspCapture(FabricTap):
             s.close()
 
 
+STATE_FAILOVER_STALL = 15.0  # s without an echo that break a TCP connection in CONT-6
+STATE_FAILOVER_LOAD_SECONDS = 10.0  # the promotion takes ~3 s: traffic must go on well after it
+
+
 def _ipsec_pools(lab: Any, sc: Scenario) -> tuple[Any, Any]:
     """The encrypting and the decrypting ipsec pool of ``sc``'s outbound chain (None if absent)."""
     chain = lab.topo.tenant(sc.tenant).chain("outbound")
@@ -317,7 +321,10 @@ def cont_6(ctx: Context) -> Result:
     For the first tenant with a NAT, with IPsec and with a firewall: UDP flows and TCP
     connections run through its chain while its primary is killed; the lab waits for the
     promotion and starts the killed server again as a replica. NFs must fail closed while no
-    primary answers (drops counted) and forward again after it.
+    primary answers (drops counted) and forward again after it. A promotion takes seconds
+    (Sentinel's detection and vote), and TCP's retransmission backoff doubles meanwhile, so a
+    connection counts as broken here if it resets, returns a wrong byte or stalls for
+    15 s (5 s in the instance checks).
     """
     lab = ctx.lab
     if not getattr(lab, "sentinel_ports", None):
@@ -336,7 +343,8 @@ def cont_6(ctx: Context) -> Result:
         enc, dec = _ipsec_pools(lab, sc) if "ipsec" in kinds else (None, None)
         cap = EspCapture(lab, [i for i in lab.pool_instances(tenant, dec.name) if i.in_pool]) if dec else None
         try:
-            load = under_load(ctx, sc, lambda: lab.kill_state_primary(tenant), [f"{tenant}-"])
+            load = under_load(ctx, sc, lambda: lab.kill_state_primary(tenant), [f"{tenant}-"],
+                              duration=STATE_FAILOVER_LOAD_SECONDS, tcp_stall=STATE_FAILOVER_STALL)
         finally:
             if cap is not None:
                 cap.stop()
