@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 
 class StateUnavailable(Exception):
@@ -385,25 +385,24 @@ class RedisState(StateClient):
         self._service = ""
         self.wait_replicas = 0
         u = urlparse(url)
+        query = {k: v[-1] for k, v in parse_qs(u.query).items()}
         if u.scheme == "redis+sentinel":
             creds, _, hosts = u.netloc.rpartition("@")
             self._sentinels = [_host_port(h, url) for h in hosts.split(",") if h]
             self._service = u.path.strip("/")
-            query = dict(q.split("=", 1) for q in u.query.split("&") if "=" in q)
-            self.wait_replicas = int(query.get("wait", 1))
+            if not self._sentinels or not self._service:
+                raise ValueError(f"state URL {url!r}: write redis+sentinel://user@host:port[,host:port]/service")
             user, _, pw = creds.partition(":")
-            self._addr = self._sentinels[0] if self._sentinels else ("", 0)
+            self._addr = self._sentinels[0]
             self._user = unquote(user) or "default"
             self._password = unquote(pw) if pw else password
             self._db = int(query.get("db", 0))
-            if not self._sentinels or not self._service:
-                raise ValueError(f"state URL {url!r}: write redis+sentinel://user@host:port[,host:port]/service")
+            self.wait_replicas = int(query.get("wait", 1))
         elif u.scheme in ("redis", ""):
             self._addr = (u.hostname or "127.0.0.1", u.port or 6379)
             self._user = unquote(u.username) if u.username else "default"
             self._password = unquote(u.password) if u.password else password
             self._db = int(u.path.strip("/") or 0)
-            query = dict(q.split("=", 1) for q in u.query.split("&") if "=" in q)
             self.wait_replicas = int(query.get("wait", 0))  # a primary with replicas, no Sentinel
         else:
             raise ValueError(f"state URL {url!r}: only redis://user@host:port/db or "
