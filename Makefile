@@ -3,6 +3,8 @@ PY := .venv/bin/python
 TOPOLOGY ?= topologies/default.yaml
 # the reference topologies the conformance suite runs on, on every target this machine has
 SUITE_TOPOLOGIES ?= topologies/conformance.yaml topologies/default.yaml
+# and once more the reference, every tenant's state on a Redis Cluster (--state cluster=3)
+REFERENCE ?= topologies/conformance.yaml
 REPORT ?= reports
 
 .PHONY: install lab test unit conformance bench soak p4 ptf clean
@@ -15,7 +17,8 @@ lab: install
 
 # unit, integration and self-tests once; then the conformance suite on every target whose
 # switch is installed (`statelab targets --why` says which and why not), each topology with
-# its own report directory: reports/<target>/<topology>/
+# its own report directory: reports/<target>/<topology>/; and the reference once on OVS with
+# its state on Redis Clusters: reports/ovs/conformance-cluster3/
 test: install
 	$(PY) -m pytest tests
 	@$(MAKE) --no-print-directory conformance
@@ -28,6 +31,9 @@ conformance:
 	    $(PY) -m pytest conformance --target $$t --topology $$topo --report $$out || status=1; \
 	  done; \
 	done; \
+	out=$(REPORT)/ovs/conformance-cluster3; \
+	echo "== conformance suite on ovs, $(REFERENCE) with every tenant's state on a 3-node Redis Cluster (report in $$out)"; \
+	$(PY) -m pytest conformance --target ovs --topology $(REFERENCE) --state cluster=3 --report $$out || status=1; \
 	.venv/bin/statelab targets --why | grep -v ': ready$$' | sed 's/^/== not run: /'; \
 	exit $$status
 

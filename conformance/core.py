@@ -96,9 +96,10 @@ class Report:
         directory: where report.json and the PNG timelines go (None: nowhere).
     """
 
-    def __init__(self, target: str, topology: Path, directory: Optional[Path]) -> None:
+    def __init__(self, target: str, topology: Path, directory: Optional[Path], state: Optional[str] = None) -> None:
         self.target = target
         self.topology = topology
+        self.state = state  # --state, in place of the topology's state: (None: as it says)
         self.directory = directory
         self.records: list[Record] = []
         self.started = time.time()
@@ -128,7 +129,7 @@ class Report:
             text = self.topology.read_text()
         except OSError:
             text = ""
-        return {"target": self.target, "topology": str(self.topology),
+        return {"target": self.target, "topology": str(self.topology), "state_override": self.state,
                 "topology_sha256": hashlib.sha256(text.encode()).hexdigest(), "topology_text": text,
                 "versions": self.versions(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
@@ -146,7 +147,8 @@ class Report:
     def table(self, width: int = 110) -> str:
         """The one-screen summary: a line per check (figures wrapped, never cut); a SKIP shows
         its reason, a FAIL what broke."""
-        lines = [f"statelab conformance on {self.target} ({self.topology.name})",
+        lines = [f"statelab conformance on {self.target} ({self.topology.name}"
+                 + (f", state {self.state})" if self.state else ")"),
                  f"{'check':9} {'verdict':7} {'level':6} figures"]
         indent = " " * 25
         for r in sorted(self.records, key=lambda r: r.id):

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -32,6 +32,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="topology YAML (default: topologies/conformance.yaml, the reference lab)")
     group.addoption("--report", default=None, metavar="DIR",
                     help="write junit.xml, report.json and PNG timelines into DIR")
+    group.addoption("--state", default=None, metavar="single|replicas=N|cluster=N",
+                    help="the state servers of the run, in place of the topology's 'state:' "
+                         "(e.g. cluster=3: every tenant's state on a 3-node Redis Cluster)")
+
+
+def state_override(text: Optional[str]) -> dict[str, int]:
+    """``--state`` as topology fields: ``single`` (one server per tenant), ``replicas=N``, ``cluster=N``."""
+    if text is None:
+        return {}
+    if text == "single":
+        return {"state_replicas": 0, "state_cluster": 0}
+    what, _, n = text.partition("=")
+    limits = {"replicas": (1, 4), "cluster": (3, 8)}
+    if what not in limits or not n.isdigit() or not limits[what][0] <= int(n) <= limits[what][1]:
+        raise pytest.UsageError(f"--state {text}: write single, replicas=N (1 to 4) or cluster=N (3 to 8)")
+    other = "cluster" if what == "replicas" else "replicas"
+    return {f"state_{what}": int(n), f"state_{other}": 0}
 
 
 def _topology_path(config: pytest.Config) -> Path:
@@ -49,8 +66,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if report_dir and not config.option.xmlpath:
         Path(report_dir).mkdir(parents=True, exist_ok=True)
         config.option.xmlpath = str(Path(report_dir) / "junit.xml")
+    state_override(config.getoption("--state"))  # a wrong --state is a usage error before anything runs
     config.stash[_REPORT] = Report(config.getoption("--target"), _topology_path(config),
-                                   Path(report_dir) if report_dir else None)
+                                   Path(report_dir) if report_dir else None, config.getoption("--state"))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -126,12 +144,11 @@ def running_lab(topology: Any) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def lab(topology_path: Path, target: str) -> Iterator[Any]:
-    """A running lab of the run's topology on the run's target; always torn down."""
+def lab(topology_path: Path, target: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A running lab of the run's topology on the run's target (and ``--state``); always torn down."""
     from statelab.spec import load
     topo = load(topology_path)
-    if topo.fabric_kind != target:
-        topo = dataclasses.replace(topo, fabric_kind=target)
+    topo = dataclasses.replace(topo, fabric_kind=target, **state_override(request.config.getoption("--state")))
     yield from running_lab(topo)
 
 

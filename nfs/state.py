@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, quote, unquote, urlparse
 
 
 class StateUnavailable(Exception):
@@ -331,6 +331,20 @@ def _host_port(text: str, url: str) -> tuple[str, int]:
 CACHE_MAX = 1 << 16  # entries kept per client; past it the older half goes
 
 
+@dataclass
+class _InFlight:
+    """A pipeline sent and not yet read: its ops, the results the cache gave, and which
+    replies to expect (the ops' own, the cache's extra reads, a WAIT)."""
+
+    ops: list[tuple[str, tuple[Any, ...], Ref]]
+    results: list[Any]
+    remote: list[int]
+    extra: list[tuple[str, str]]
+    wait: int
+    written: set[str]
+    sent_at: float
+
+
 class RedisState(StateClient):
     """State in Redis (or any server speaking its protocol), over the tenant's ACL user.
 
@@ -498,9 +512,22 @@ class RedisState(StateClient):
 
     def _round_trip(self, payload: bytes, count: int) -> list[Any]:
         """Send ``payload`` and read ``count`` replies (invalidations between them applied)."""
+        self._send(payload)
+        return self._receive(count)
+
+    def _send(self, payload: bytes) -> None:
         assert self._sock is not None
         try:
             self._sock.sendall(payload)
+        except OSError as err:
+            self._drop()
+            raise StateUnavailable(f"state server unreachable: {err}") from None
+
+    def _receive(self, count: int) -> list[Any]:
+        """Read ``count`` replies (invalidations between them applied)."""
+        if self._sock is None:
+            raise StateUnavailable("state server unreachable: the connection was lost")
+        try:
             replies: list[Any] = []
             while len(replies) < count:
                 got = self._reader.gets()
@@ -585,6 +612,13 @@ class RedisState(StateClient):
         return pack_command("EVALSHA", self._sha[name], len(keys), *[self.prefix + k for k in keys], *sargs)
 
     def _execute(self, ops: list[tuple[str, tuple[Any, ...], Ref]]) -> list[Any]:
+        sent = self._begin(ops)
+        return sent if isinstance(sent, list) else self._finish(sent)
+
+    def _begin(self, ops: list[tuple[str, tuple[Any, ...], Ref]]) -> Any:
+        """Answer what the cache can and send the rest of ``ops`` in one pipeline; returns the
+        results if nothing had to be sent, else what :meth:`_finish` needs to read the replies
+        (a cluster client sends to every node before it reads from any)."""
         if self._sock is None:
             self.connect()
         elif self.caching:
@@ -642,7 +676,13 @@ class RedisState(StateClient):
         # server, having told us, no longer tracks the key for us); one before it is older
         self._invalidated.clear()
         self._invalidated_all = False
-        replies = self._round_trip(payload, len(remote) + len(extra) + (1 if wait else 0))
+        self._send(payload)
+        return _InFlight(ops, results, remote, extra, wait, written, sent_at)
+
+    def _finish(self, f: "_InFlight") -> list[Any]:
+        """Read the replies of what :meth:`_begin` sent; return the results of all its ops."""
+        ops, results, remote, extra, wait, written = f.ops, f.results, f.remote, f.extra, f.wait, f.written
+        replies = self._receive(len(remote) + len(extra) + (1 if wait else 0))
         acked = replies.pop() if wait else None
         missing = [j for j, r in enumerate(replies[:len(remote)])
                    if isinstance(r, Exception) and str(r).startswith("NOSCRIPT")]
@@ -660,6 +700,8 @@ class RedisState(StateClient):
                                        f"{self.wait_timeout_ms} ms", "state_unreplicated")
         for r in replies:
             if isinstance(r, Exception):  # NOPERM, BUSY, OOM, ...: the server refused the batch
+                if str(r).startswith(("MOVED ", "ASK ")):  # a cluster node no longer holds the slot
+                    raise StateUnavailable(f"state server redirected an operation: {r}", "state_moved")
                 raise StateUnavailable(f"state server refused an operation: {r}", "state_refused")
         values: dict[str, list[Any]] = {}  # key -> [value, pttl, index of its first reply]
         for j, (i, r) in enumerate(zip(remote, replies)):
@@ -672,7 +714,7 @@ class RedisState(StateClient):
         for j, ((k, what), r) in enumerate(zip(extra, replies[len(remote):]), len(remote)):
             values.setdefault(k, [_UNSET, _UNSET, j])[what == "pttl"] = r
         if self.caching:
-            self._remember(values, sent_at)
+            self._remember(values, f.sent_at)
         return results
 
     def _remember(self, values: dict[str, list[Any]], sent_at: float) -> None:
@@ -705,6 +747,152 @@ class RedisState(StateClient):
                 raise StateUnavailable(f"the state server lacks the NF scripts and this user cannot load "
                                        f"them: {r}")
         return self._round_trip(b"".join(self._command(op, args) for op, args, _ in ops), len(ops))
+
+
+SLOTS = 16384  # Redis Cluster's hash slots
+
+
+class ClusterState(StateClient):
+    """State in a Redis Cluster: one :class:`RedisState` per node (each with its own
+    connection, cache and invalidations), the slot map learnt from the cluster itself.
+
+    A batch is split by the hash slot of each operation's key (redis-py's ``key_slot``:
+    CRC16 of the key, or of its ``{hash tag}``), sent to every node it touches before any
+    reply is read, so it costs one round trip of the slowest node, not one per node. Every
+    script of :data:`SCRIPTS` touches one key; a vendor NF's script that touches several must
+    give them one hash tag. A node that answers ``MOVED``/``ASK`` (the slots moved) or cannot be
+    reached fails the batch closed (``state_moved``/``state_unavailable``); the next batch
+    reads the slot map again (``CLUSTER SLOTS``) from whichever node answers.
+
+    Args:
+        url: ``redis+cluster://user@host:port[,host:port...]/`` (any of the nodes).
+        tenant, nf, timeout, password, cache: as for :class:`RedisState`.
+    """
+
+    def __init__(self, url: str, tenant: str, nf: str, timeout: float = 1.0,
+                 password: Optional[str] = None, cache: bool = True) -> None:
+        super().__init__(tenant, nf)
+        u = urlparse(url)
+        creds, _, hosts = u.netloc.rpartition("@")
+        seeds = [_host_port(h, url) for h in hosts.split(",") if h]
+        if u.scheme != "redis+cluster" or not seeds:
+            raise ValueError(f"state URL {url!r}: write redis+cluster://user@host:port[,host:port]/")
+        user, _, pw = creds.partition(":")
+        self.url, self.tenant, self.nf = url, tenant, nf
+        self._user = unquote(user) or "default"
+        self._password = unquote(pw) if pw else password
+        self._options = dict(timeout=timeout, cache=cache)
+        self._known = list(seeds)  # every node address seen, seeds first
+        self._nodes: dict[tuple[str, int], RedisState] = {}
+        self._owner: list[Optional[tuple[str, int]]] = []  # slot -> node address ([] until read)
+
+    def __repr__(self) -> str:
+        return f"ClusterState({self._user}@{len(self._known)} nodes, prefix={self.prefix!r})"
+
+    def _node(self, addr: tuple[str, int]) -> RedisState:
+        node = self._nodes.get(addr)
+        if node is None:
+            auth = f"{quote(self._user, safe='')}@" if self._password is None else \
+                f"{quote(self._user, safe='')}:{quote(self._password, safe='')}@"
+            node = self._nodes[addr] = RedisState(f"redis://{auth}{addr[0]}:{addr[1]}/0", self.tenant, self.nf,
+                                                  **self._options)
+        return node
+
+    def connect(self) -> None:
+        if not self._owner:
+            self._read_slots()
+        for addr in {a for a in self._owner if a is not None}:
+            self._node(addr).connect()
+
+    def _read_slots(self) -> None:
+        """The slot map from the first node that gives one (every slot must have an owner)."""
+        errors = []
+        for addr in list(self._known):
+            node = self._node(addr)
+            try:
+                node.connect()
+                reply, = node._round_trip(pack_command("CLUSTER", "SLOTS"), 1)
+            except StateUnavailable as err:
+                errors.append(f"{addr[0]}:{addr[1]}: {err}")
+                continue
+            if isinstance(reply, Exception) or not reply:
+                errors.append(f"{addr[0]}:{addr[1]}: CLUSTER SLOTS: {reply or 'no slots'}")
+                continue
+            owner: list[Optional[tuple[str, int]]] = [None] * SLOTS
+            for start, end, primary, *_ in reply:
+                where = (primary[0].decode() or addr[0], int(primary[1]))
+                owner[start:end + 1] = [where] * (end - start + 1)
+                if where not in self._known:
+                    self._known.append(where)
+            if None in owner:
+                errors.append(f"{addr[0]}:{addr[1]}: slot {owner.index(None)} has no node")
+                continue
+            self._owner = owner
+            return
+        raise StateUnavailable(f"no cluster node gave a slot map: {'; '.join(errors)}")
+
+    def _slot_node(self, op: str, args: tuple[Any, ...]) -> tuple[str, int]:
+        from redis.crc import key_slot
+
+        keys = args[1] if op == "script" else (args[0],)
+        slots = {key_slot((self.prefix + k).encode()) for k in keys}
+        if len(slots) != 1:
+            raise ValueError(f"script {args[0]!r} touches keys in {len(slots)} hash slots: {list(keys)}; "
+                             f"in a cluster the keys of one script must share a hash tag {{...}}")
+        owner = self._owner[slots.pop()]
+        assert owner is not None
+        return owner
+
+    def forget(self, keys: Sequence[str]) -> bool:
+        if not self._owner:
+            return False
+        stale = False
+        for k in keys:
+            stale |= self._node(self._slot_node("get", (k,))).forget([k])
+        return stale
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(n.cache_hits for n in self._nodes.values())
+
+    @property
+    def invalidations(self) -> int:
+        return sum(n.invalidations for n in self._nodes.values())
+
+    def _execute(self, ops: list[tuple[str, tuple[Any, ...], Ref]]) -> list[Any]:
+        if not self._owner:
+            self._read_slots()
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, (op, args, _) in enumerate(ops):
+            groups.setdefault(self._slot_node(op, args), []).append(i)
+        error: Optional[StateUnavailable] = None
+        sent = []
+        for addr, idx in groups.items():  # every node's pipeline out before any reply is read
+            node = self._node(addr)
+            try:
+                sent.append((node, idx, node._begin([ops[i] for i in idx])))
+            except StateUnavailable as err:
+                error = error or err
+        results: list[Any] = [None] * len(ops)
+        remote = 0
+        for node, idx, begun in sent:
+            try:
+                if isinstance(begun, list):
+                    sub = begun
+                else:
+                    remote += 1
+                    sub = node._finish(begun)
+            except StateUnavailable as err:
+                error = error or err
+                continue
+            for i, r in zip(idx, sub):
+                results[i] = r
+        self.round_trips += remote
+        if error is not None:
+            if error.reason in ("state_moved", "state_unavailable"):
+                self._owner = []  # the slots may have moved: read the map again next batch
+            raise error
+        return results
 
 
 class LocalState(StateClient):
@@ -781,7 +969,8 @@ class LocalState(StateClient):
 
 
 def open_state(url: Optional[str], tenant: str, nf: str, password: Optional[str] = None) -> StateClient:
-    """The state client an NF process uses: Redis for ``redis://`` URLs, LocalState for ``local:``.
+    """The state client an NF process uses: Redis for ``redis://`` and ``redis+sentinel://`` URLs,
+    a Redis Cluster for ``redis+cluster://``, LocalState for ``local:``.
 
     Args:
         url: the ``--state`` argument; None or ``local:`` gives in-process state (no sharing:
@@ -793,4 +982,6 @@ def open_state(url: Optional[str], tenant: str, nf: str, password: Optional[str]
     """
     if url is None or url.startswith("local:"):
         return LocalState(tenant, nf)
+    if url.startswith("redis+cluster:"):
+        return ClusterState(url, tenant, nf, password=password)
     return RedisState(url, tenant, nf, password=password)

@@ -20,6 +20,7 @@ import json
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,10 @@ READY_TIMEOUT = 15.0
 TENANT_COMMANDS = ("get", "set", "pttl", "incrby", "pexpire", "expire", "del", "exists",
                    "evalsha", "script|exists", "ping", "hello", "client|tracking", "client|caching",
                    "wait", "role")
+# on a cluster node also where the slots are (the client's slot map): nothing that changes it
+CLUSTER_TENANT_COMMANDS = ("cluster|slots",)
+CLUSTER_SLOTS = 16384
+CLUSTER_NODE_TIMEOUT_MS = 5000
 STATE_MAXMEMORY = 64 << 20        # bytes of data per tenant; full: writes fail (noeviction)
 STATE_DATA_LIMIT = 256 << 20      # RLIMIT_DATA of each redis-server: bounds script memory too
 SENTINELS, SENTINEL_QUORUM = 3, 2  # with replicas: Sentinels, and how many must agree a primary is down
@@ -171,6 +176,8 @@ class Lab:
         self.state_ip = ""
         self.state_ports: dict[str, int] = {}                              # tenant -> its primary's port
         self.state_procs: dict[tuple[str, int], subprocess.Popen] = {}    # (tenant, port) -> redis-server
+        self.cluster_buses: dict[tuple[str, int], int] = {}   # (tenant, port) -> its cluster bus port
+        self.cluster_slots: dict[str, list[tuple[int, int, int]]] = {}  # tenant -> [(first, last slot, port)]
         self.sentinel_ports: list[int] = []
         self.mgmt = topology.management
         self.passwords: dict[str, str] = {}
@@ -549,19 +556,21 @@ class Lab:
         With ``state: {replicas: R}`` each tenant's server has R replicas (replica j on port
         ``state.port + j * tenants + i``) and three Sentinels (after the last replica's port)
         watch every primary: see :meth:`kill_state_primary` and docs/contracts.md, "Replicas and failover"."""
-        replicas = self.topo.state_replicas
+        replicas, cluster = self.topo.state_replicas, self.topo.state_cluster
         self.progress(f"starting the state servers (one redis-server per tenant, {len(self.topo.tenants)}"
-                      + (f", each with {replicas} replica(s) and 3 Sentinels)" if replicas else ")"))
+                      + (f", each with {replicas} replica(s) and 3 Sentinels)" if replicas else
+                         f", each a Redis Cluster of {cluster} nodes)" if cluster else ")"))
         self.state_node = self._add_node(STATE_NODE, ip=None)
         self.state_ip = self._mgmt_ip(2)
         self._join_management(self.state_node, self.state_ip, nf=False)
         self._prepare_nf_users()
         tenants = len(self.topo.tenants)
-        last = self.topo.state_port + tenants * (replicas + 1) - 1 + (SENTINELS if replicas else 0)
+        last = (self.topo.state_port + tenants * (replicas + 1) - 1 + (SENTINELS if replicas else 0)
+                + (tenants * cluster * 2 - tenants if cluster else 0))
         if last > 65535:
             raise LabError(f"state.port {self.topo.state_port} ({self.topo.source}): the lab needs "
                            f"{last - self.topo.state_port + 1} ports from it (one per tenant and replica, and "
-                           f"the Sentinels); choose a lower port")
+                           f"the Sentinels; or two per cluster node); choose a lower port")
         self.passwords = {"admin": secrets.token_hex(16)}
         started = []
         for i, tenant in enumerate(self.topo.tenants):
@@ -569,11 +578,20 @@ class Lab:
             port = self.state_ports[name] = self.topo.state_port + i
             pw = self.passwords[name] = secrets.token_hex(16)
             _write_private(self._tenant_dir(name) / "state-password", pw + "\n", self.nf_uids.get(name))
+            if cluster:
+                for j in range(cluster):
+                    started.append(self._start_state_process(name, port + j * tenants,
+                                                             bus=port + (cluster + j) * tenants))
+                continue
             started.append(self._start_state_process(name, port))
             for j in range(1, replicas + 1):
                 started.append(self._start_state_process(name, self.topo.state_port + j * tenants + i, replica_of=port))
         for name, port, proc, log in started:
             self._wait_state_process(name, port, proc, log)
+        if cluster:
+            self._guard_cluster_bus()
+            for name in self.state_ports:
+                self._form_cluster(name)
         for name in self.state_ports if replicas else ():
             self._wait_replicas_online(name, self.state_ports[name], replicas)
         if replicas:
@@ -583,16 +601,22 @@ class Lab:
             self._wait_sentinels(sentinels)
         self.load_state_scripts()
 
-    def _start_state_process(self, tenant: str, port: int,
-                             replica_of: Optional[int] = None) -> tuple[str, int, subprocess.Popen, Path]:
+    def _start_state_process(self, tenant: str, port: int, replica_of: Optional[int] = None,
+                             bus: Optional[int] = None) -> tuple[str, int, subprocess.Popen, Path]:
         """Start one redis-server of ``tenant`` on ``port`` (a replica of the one on
-        ``replica_of``, if given); returns (tenant, port, process, log)."""
+        ``replica_of``, if given; a cluster node with its bus on ``bus``, if given); returns
+        (tenant, port, process, log)."""
         t = self.topo.tenant(tenant)
         conf = self.run_dir / f"redis-{tenant}-{port}.conf"
         replication = ["repl-diskless-sync yes", "repl-diskless-sync-delay 0", "masteruser admin",
                        f"masterauth {self.passwords['admin']}"]
         if replica_of is not None:
             replication.append(f"replicaof {self.state_ip} {replica_of}")
+        if bus is not None:  # slots are assigned by _form_cluster; a node without them answers nothing
+            replication = ["cluster-enabled yes", f"cluster-config-file nodes-{tenant}-{port}.conf",
+                           f"cluster-port {bus}", f"cluster-node-timeout {CLUSTER_NODE_TIMEOUT_MS}",
+                           "cluster-require-full-coverage yes", "cluster-allow-reads-when-down no"]
+            self.cluster_buses[(tenant, port)] = bus
         _write_private(conf, "\n".join([
             f"bind {self.state_ip}", f"port {port}", "protected-mode yes",
             'save ""', *self._persistence(t), "daemonize no",
@@ -600,9 +624,9 @@ class Lab:
             "proto-max-bulk-len 1mb", "client-query-buffer-limit 1mb",
             "client-output-buffer-limit normal 64mb 16mb 10",
             "enable-debug-command no", "enable-module-command no", "enable-protected-configs no",
-            *(replication if self.topo.state_replicas else []),
+            *(replication if self.topo.state_replicas or bus is not None else []),
             "user default off", f"user admin on >{self.passwords['admin']} ~* &* +@all",
-            tenant_acl(tenant, self.passwords[tenant]), ""]))
+            tenant_acl(tenant, self.passwords[tenant], cluster=bus is not None), ""]))
         log = self.run_dir / f"redis-{tenant}-{port}.log"
         argv = ["prlimit", f"--data={STATE_DATA_LIMIT}", "--", "redis-server", str(conf)]
         role = "replica" if replica_of is not None else "redis-server"
@@ -654,6 +678,54 @@ class Lab:
                 logs = "".join(f"\n--- {log.name}:\n{_tail(log)}" for log in sorted(self.run_dir.glob(f"redis-{tenant}-*.log")))
                 raise LabError(f"tenant {tenant}'s state primary (port {primary}) does not see {count} replica(s) "
                                f"acknowledge a write after {READY_TIMEOUT:.0f}s; its replication: {info}{logs}")
+            time.sleep(0.05)
+
+    def _guard_cluster_bus(self) -> None:
+        """The cluster bus has no authentication (Redis 7.0): whoever reaches it can join a
+        node to a cluster and claim its slots. nftables in the state server's namespace
+        refuses (TCP reset) every bus connection that does not come from the nodes' own
+        address; the table goes with the namespace."""
+        if shutil.which("nft") is None:
+            raise LabError("a state cluster needs nft to guard its bus ports: sudo apt-get install nftables "
+                           "(or run sudo scripts/install.sh)")
+        ports = ", ".join(str(b) for b in self.cluster_buses.values())
+        rules = self.run_dir / "cluster-bus.nft"
+        _write_private(rules, "table inet statelab_bus {\n  chain input {\n"
+                              "    type filter hook input priority 0; policy accept;\n"
+                              f"    tcp dport {{ {ports} }} ip saddr != {self.state_ip} reject with tcp reset\n"
+                              "  }\n}\n")
+        out = self.state_node.cmd(f"nft -f {shlex.quote(str(rules))} 2>&1; echo rc=$?")
+        if not out.rstrip().endswith("rc=0"):
+            raise LabError(f"cannot guard the state cluster's bus ports with nftables in host {STATE_NODE}: "
+                           f"{out.strip()}")
+
+    def _form_cluster(self, tenant: str) -> None:
+        """Give each of ``tenant``'s cluster nodes an equal range of the 16384 hash slots,
+        introduce them to the first (CLUSTER MEET), and wait until every node says the
+        cluster is ok and knows all slots' owners."""
+        ports = self.state_servers(tenant)
+        n = len(ports)
+        self.cluster_slots[tenant] = []
+        for (lo, hi), port in zip(slot_ranges(n), ports):
+            self.cluster_slots[tenant].append((lo, hi, port))
+            self._admin(port).execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+        first = self._admin(ports[0])
+        for port in ports[1:]:
+            first.execute_command("CLUSTER", "MEET", self.state_ip, port, self.cluster_buses[(tenant, port)])
+        deadline = time.monotonic() + READY_TIMEOUT
+        pending = list(ports)
+        while pending:
+            try:
+                info = self._admin(pending[0]).cluster("info")
+                if info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == n \
+                        and int(info.get("cluster_slots_ok", 0)) == CLUSTER_SLOTS:
+                    pending.pop(0)
+                    continue
+            except Exception as err:
+                info = {"error": str(err)}
+            if time.monotonic() > deadline:
+                raise LabError(f"tenant {tenant}'s state cluster (ports {ports}) is not ok after {READY_TIMEOUT:.0f}s: "
+                               f"node {pending[0]} says {info}; log: {_tail(self.run_dir / f'redis-{tenant}-{pending[0]}.log')}")
             time.sleep(0.05)
 
     def _follow_primary(self, tenant: str, primary: int) -> None:
@@ -714,6 +786,10 @@ class Lab:
                                         f"Sentinels after {READY_TIMEOUT:.0f}s)", None, _tail(log))
                 time.sleep(0.05)
 
+    def state_admin(self, port: int):
+        """A redis-py client of the state server (or cluster node) on ``port``, as the admin."""
+        return self._admin(port)
+
     def _admin(self, port: int):
         import redis
         return redis.Redis(host=self.state_ip, port=port, username="admin", password=self.passwords["admin"],
@@ -725,10 +801,11 @@ class Lab:
         sequence counters outlive the lab (a new lab with the same keys goes on counting)."""
         if not pins_esp_keys(tenant):
             return ["appendonly no", f"dir {self.run_dir}"]
-        if self.topo.state_replicas:
+        if self.topo.state_replicas or self.topo.state_cluster:
             raise LabError(f"tenant {tenant.name} ({self.topo.source}, line {tenant.line}) pins its ESP keys, and "
-                           f"its state server has replicas: a pinned SA's sequence counter persists on one "
-                           f"server only in this version; use keys: per-run, or state: {{replicas: 0}}")
+                           f"its state server has replicas or is a cluster: a pinned SA's sequence counter "
+                           f"persists on one server only in this version; use keys: per-run, or leave out "
+                           f"state: replicas/cluster")
         d = PERSIST_ROOT / self.topo.name / tenant.name
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.progress(f"tenant {tenant.name} pins its ESP keys: its state is kept in {d}")
@@ -791,11 +868,16 @@ class Lab:
         return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", f"--inh-caps={caps}",
                 f"--ambient-caps={caps}", f"--bounding-set={caps}", "--no-new-privs", "--"]
 
-    def state_port(self, tenant: str) -> int:
+    def state_port(self, tenant: str, key: Optional[str] = None) -> int:
         """The port of ``tenant``'s state server (on :attr:`state_ip`): with replicas, of its
-        primary as the Sentinels name it now."""
+        primary as the Sentinels name it now; in a cluster, of the node that holds ``key``
+        (without one, the first node)."""
         if tenant not in self.state_ports:
             raise LabError(f"no state server for tenant {tenant!r}; tenants: {', '.join(self.state_ports)}")
+        if key is not None and tenant in self.cluster_slots:
+            from redis.crc import key_slot
+            slot = key_slot(key.encode())
+            return next(port for lo, hi, port in self.cluster_slots[tenant] if lo <= slot <= hi)
         for port in self.sentinel_ports:
             try:
                 _, primary = self._admin(port).sentinel_get_master_addr_by_name(sentinel_service(tenant))
@@ -816,6 +898,9 @@ class Lab:
         if self.sentinel_ports:
             sentinels = ",".join(f"{self.state_ip}:{p}" for p in self.sentinel_ports)
             return f"redis+sentinel://tenant-{tenant}@{sentinels}/{sentinel_service(tenant)}?wait=1"
+        if tenant in self.cluster_slots:
+            nodes = ",".join(f"{self.state_ip}:{p}" for p in self.state_servers(tenant))
+            return f"redis+cluster://tenant-{tenant}@{nodes}/"
         return f"redis://tenant-{tenant}@{self.state_ip}:{self.state_port(tenant)}/0"
 
     def kill_state_primary(self, tenant: str) -> dict[str, Any]:
@@ -859,6 +944,11 @@ class Lab:
         import redis
         if tenant is None and server is None:
             return _AdminByKey(self)
+        if (server or tenant) in self.cluster_slots:
+            from redis.cluster import ClusterNode, RedisCluster
+            return RedisCluster(startup_nodes=[ClusterNode(self.state_ip, p) for p in self.state_servers(server or tenant)],
+                                username="admin" if tenant is None else f"tenant-{tenant}",
+                                password=self.passwords["admin" if tenant is None else tenant], socket_timeout=2)
         return redis.Redis(host=self.state_ip, port=self.state_port(server or tenant),
                            username="admin" if tenant is None else f"tenant-{tenant}",
                            password=self.passwords["admin" if tenant is None else tenant], socket_timeout=2)
@@ -1094,15 +1184,21 @@ def pins_esp_keys(tenant: "specmod.Tenant") -> bool:
     return any(p.kind == "ipsec" and p.config.get("keys") == "pinned" for p in tenant.pools)
 
 
+def slot_ranges(nodes: int) -> list[tuple[int, int]]:
+    """The hash slots each of ``nodes`` cluster nodes holds: equal ranges, in order."""
+    return [(j * CLUSTER_SLOTS // nodes, (j + 1) * CLUSTER_SLOTS // nodes - 1) for j in range(nodes)]
+
+
 def sentinel_service(tenant: str) -> str:
     """The name the Sentinels know ``tenant``'s state primary by."""
     return f"tenant-{tenant}"
 
 
-def tenant_acl(tenant: str, password: str) -> str:
-    """The ACL line of a tenant's user: its own keys, no channels, only :data:`TENANT_COMMANDS`."""
+def tenant_acl(tenant: str, password: str, cluster: bool = False) -> str:
+    """The ACL line of a tenant's user: its own keys, no channels, only :data:`TENANT_COMMANDS`
+    (and on a cluster node :data:`CLUSTER_TENANT_COMMANDS`)."""
     return (f"user tenant-{tenant} on >{password} resetkeys ~t:{tenant}:* resetchannels -@all "
-            + " ".join(f"+{c}" for c in TENANT_COMMANDS))
+            + " ".join(f"+{c}" for c in TENANT_COMMANDS + (CLUSTER_TENANT_COMMANDS if cluster else ())))
 
 
 def _write_private(path: Path, text: str, uid: Optional[int] = None) -> None:

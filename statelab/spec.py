@@ -138,6 +138,7 @@ class Topology:
     tenants: tuple[Tenant, ...]
     source: Path | None
     state_replicas: int = 0  # replicas of each tenant's state server (Sentinel promotes one)
+    state_cluster: int = 0   # Redis Cluster nodes per tenant (0: one server)
 
     def tenant(self, name: str) -> Tenant:
         """Return the tenant called ``name``; raise KeyError if there is none.
@@ -208,7 +209,8 @@ _FIELDS = {  # role of a value -> (what it must be, what to write)
     ),
     "fabric": ("a mapping with kind", "write e.g. 'fabric: {kind: ovs}', or leave it out"),
     "fabric.kind": ("a fabric kind", f"use one of {', '.join(FABRIC_KINDS)}"),
-    "state": ("a mapping with port and replicas", "write e.g. 'state: {port: 6379, replicas: 1}', or leave it out"),
+    "state": ("a mapping with port, replicas or cluster", "write e.g. 'state: {port: 6379, replicas: 1}', or leave it out"),
+    "state.cluster": ("0 or a number of cluster nodes from 3 to 8", "use 0 (one server per tenant) or 3 to 8, e.g. 'cluster: 3'"),
     "state.replicas": ("a number of replicas from 0 to 4", "use 0 (no replica) to 4, e.g. 'replicas: 1'"),
     "state.port": ("a TCP port from 1 to 65535", "use a TCP port from 1 to 65535, e.g. 6379"),
     "management": ("a mapping with subnet", "write e.g. 'management: {subnet: 198.18.0.0/24}'"),
@@ -517,6 +519,10 @@ def _check_meaning(data: Any, report: _Report) -> None:
     Values the schema already flagged are skipped.
     """
     top = _mapping(data)
+    state = _mapping(top.get("state"))
+    if state.get("cluster") and state.get("replicas") and ("state", "cluster") not in report.flagged:
+        report.add(("state", "cluster"), "a cluster cannot have replicas in this version",
+                   "use either 'cluster: N' (spread keys over N nodes) or 'replicas: N' (failover), not both")
     subnet = _mapping(top.get("management")).get("subnet")
     if isinstance(subnet, str) and ("management", "subnet") not in report.flagged:
         _check_subnet(subnet, ("management", "subnet"), report)
@@ -771,6 +777,7 @@ def _topology(data: dict[str, Any], lines: Mapping[_Path, int], source: Path | N
         fabric_kind=data.get("fabric", {}).get("kind", DEFAULT_FABRIC),
         state_port=int(data.get("state", {}).get("port", DEFAULT_STATE_PORT)),
         state_replicas=int(data.get("state", {}).get("replicas", 0)),
+        state_cluster=int(data.get("state", {}).get("cluster", 0)),
         management=ipaddress.IPv4Network(
             data.get("management", {}).get("subnet", DEFAULT_MANAGEMENT)
         ),

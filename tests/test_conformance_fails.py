@@ -181,6 +181,23 @@ def test_iso_4_fails_when_a_tenant_user_may_read_every_key(fabric_lab) -> None:
     assert any(x.startswith("red:") for x in closed.figures["own_operations_broken"])
 
 
+def test_iso_4_fails_on_a_cluster_node_with_a_widened_acl_or_an_open_bus() -> None:
+    """On a state cluster: a tenant user that may list the cluster's nodes on one node, and
+    a cluster bus reachable from outside the state server, are each a FAIL naming it."""
+    topo = dataclasses.replace(variant("cfliso4c", {"red", "blue"}), state_replicas=0, state_cluster=3)
+    with contextlib.contextmanager(running_lab)(topo) as lab:
+        last = lab.state_servers("red")[-1]
+        lab.state_admin(last).execute_command("ACL", "SETUSER", "tenant-red", "+cluster|nodes")
+        out = lab.state_node.cmd("nft delete table inet statelab_bus; echo rc=$?")
+        assert out.strip().endswith("rc=0"), out
+        result = run(lab, "ISO-4")
+        assert result.verdict == FAIL
+        allowed = result.figures["allowed_operations"]
+        assert any(op.startswith(f"red CLUSTER NODES at its node {last}") for op in allowed), allowed
+        assert any("cluster bus of red's node" in op and "opened" in op for op in allowed), allowed
+        assert not any("CLUSTER NODES" in op for op in allowed if not op.startswith("red ")), allowed
+
+
 # -- NFs that keep state in their own memory -------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -173,6 +173,16 @@ def test_state_replicas(problem) -> None:
     assert "state.replicas" in found.message and "0 (no replica) to 4" in found.hint
 
 
+def test_state_cluster(problem) -> None:
+    text = edit("fabric:\n  kind: ovs\n", "fabric: {kind: ovs}\nstate:\n  port: 7000\n  cluster: 3\n")
+    assert (loads(text).state_cluster, loads(text).state_replicas) == (3, 0)
+    found = problem(text.replace("cluster: 3", "cluster: 2"))
+    assert "state.cluster" in found.message and "3 to 8" in found.hint
+    found = problem(text.replace("cluster: 3", "cluster: 3\n  replicas: 1"))
+    assert found.line == text.splitlines().index("  cluster: 3") + 1
+    assert "cannot have replicas" in found.message and "not both" in found.hint
+
+
 def test_yaml_anchors_and_merge_keys_work_and_overrides_are_no_repeats() -> None:
     text = edit("fw: {kind: forward, instances: 2}", "fw: &nf {kind: forward, instances: 2}")
     text = text.replace("mon: {kind: forward}", "mon: {<<: *nf, instances: 3}")

@@ -129,10 +129,10 @@ def test_an_invalidation_among_the_replies_keeps_the_value_read_out_of_the_cache
     a, b = (RedisState(redis_clean.url("red"), "red", "fw") for _ in range(2))
     run(b, lambda x: [x.set("k", "v1")])
     a.connect()
-    real = a._round_trip
+    real = a._receive
 
-    def write_in_between(payload: bytes, count: int) -> list:
-        replies = real(payload, count)  # our GET's reply was v1 ...
+    def write_in_between(count: int) -> list:
+        replies = real(count)  # our GET's reply was v1 ...
         run(b, lambda x: [x.set("k", "v2")])  # ... then b writes, and its invalidation comes
         a._position = 1                       # after that first reply, before the others
         before = a.invalidations
@@ -142,9 +142,9 @@ def test_an_invalidation_among_the_replies_keeps_the_value_read_out_of_the_cache
             assert time.monotonic() < deadline
         return replies
 
-    a._round_trip = write_in_between  # type: ignore[method-assign]
+    a._receive = write_in_between  # type: ignore[method-assign]
     assert run(a, lambda x: [x.get("k"), x.pttl("k"), x.get("other")]) == [b"v1", -1, None]
-    a._round_trip = real  # type: ignore[method-assign]
+    a._receive = real  # type: ignore[method-assign]
     assert run(a, lambda x: [x.get("k")]) == [b"v2"]  # read from the server, not the stale v1
 
 

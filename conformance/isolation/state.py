@@ -22,6 +22,12 @@ tenant may not write to its replica, promote it (``REPLICAOF NO ONE``, ``FAILOVE
 to another tenant's replica, or ask a Sentinel anything but where a primary is (no
 ``SENTINEL FAILOVER``, ``SET``, ``REMOVE``, ``MONITOR``, ``RESET``, ``CONFIG``, listing).
 
+In a cluster (``state: {cluster: N}``) every probe on a key goes to the node that holds its
+slot, and the levers reach every node: no ``CLUSTER`` subcommand but ``SLOTS`` (the client's
+slot map), no login at another tenant's node, and no connection to any node's cluster bus (it
+has no authentication; the lab's nftables refuses every source but the nodes' own address),
+beside the positive half that every node still says the cluster is ok.
+
 With one tenant the levers against the server itself still run (there is no other tenant's
 key, channel or server to try): a tenant that may flush, reconfigure, watch or stall its state
 server is a hole whoever shares that server. SHUTDOWN, SWAPDB and ACL SETUSER are not tried (if
@@ -182,10 +188,11 @@ class Probe:
     def tenants(self) -> list[str]:
         return [t.name for t in self.lab.topo.tenants]
 
-    def conn(self, tenant: Optional[str], server: str, resp3: bool = False) -> tuple[Resp, Any]:
-        """A connection to ``server``'s state server, authenticated as ``tenant`` (None: not
-        at all); returns it with the reply to AUTH/HELLO."""
-        c = Resp(self.lab.state_ip, self.lab.state_port(server))
+    def conn(self, tenant: Optional[str], server: str, resp3: bool = False,
+             key: Optional[str] = None) -> tuple[Resp, Any]:
+        """A connection to ``server``'s state server (in a cluster: the node holding ``key``),
+        authenticated as ``tenant`` (None: not at all); returns it with the reply to AUTH/HELLO."""
+        c = Resp(self.lab.state_ip, self.lab.state_port(server, key=key))
         if tenant is None:
             return c, None
         user, pw = f"tenant-{tenant}", self.lab.passwords[tenant]
@@ -197,7 +204,8 @@ class Probe:
         """``tenant``'s own GETs for ``seconds`` (and as long as ``busy`` runs), as its NFs
         would: latencies in ms, failures."""
         import redis
-        r = redis.Redis(host=self.lab.state_ip, port=self.lab.state_port(tenant), username=f"tenant-{tenant}",
+        port = self.lab.state_port(tenant, key=SECRET.format(t=tenant))
+        r = redis.Redis(host=self.lab.state_ip, port=port, username=f"tenant-{tenant}",
                         password=self.lab.passwords[tenant], socket_timeout=NF_TIMEOUT)
         ms, failed = [], []
         deadline = time.monotonic() + seconds
@@ -280,8 +288,8 @@ def _own_keys_work(p: Probe, tenant: str) -> Optional[str]:
 def _tracking_works(p: Probe, tenant: str) -> Optional[str]:
     """Client tracking in default mode on its own key delivers an invalidation (RESP3)."""
     key = f"t:{tenant}:iso4:tracked"
-    c, hello = p.conn(tenant, tenant, resp3=True)
-    w, _ = p.conn(tenant, tenant)
+    c, hello = p.conn(tenant, tenant, resp3=True, key=key)
+    w, _ = p.conn(tenant, tenant, key=key)
     try:
         if isinstance(hello, RespError):
             return f"HELLO 3: {hello}"
@@ -367,22 +375,20 @@ def _tracking_broadcast(p: Probe, lv: Levers, a: str, others: list[str]) -> None
     name may reach it. Its own key's name must (the detector works)."""
     modes = [(f"t:{b}:",) for b in others] + [()]
     conns = []
+    tracked = "t:{t}:iso4:tracked"
     try:
-        for prefix in modes:
-            c, hello = p.conn(a, a, resp3=True)
+        for prefix in modes:  # at the node holding the tenant's own probe key (the detector)
+            c, hello = p.conn(a, a, resp3=True, key=tracked.format(t=a))
             args = ("CLIENT", "TRACKING", "ON", "BCAST") + (("PREFIX",) + prefix if prefix else ())
             name = f"{a} {' '.join(args)}"
             reply = c.call(*args)
             conns.append((name, c, reply, hello))
-        for b in others:   # each other tenant writes its own key, as its NFs do
-            w, _ = p.conn(b, b)
-            w.call("SET", f"t:{b}:iso4:tracked", "x")
-            w.call("DEL", f"t:{b}:iso4:tracked")
+        for b in [*others, a]:   # each other tenant writes its own key, as its NFs do; then a
+            key = tracked.format(t=b)
+            w, _ = p.conn(b, b, key=key)
+            w.call("SET", key, "x")
+            w.call("DEL", key)
             w.close()
-        w, _ = p.conn(a, a)
-        w.call("SET", f"t:{a}:iso4:tracked", "x")
-        w.call("DEL", f"t:{a}:iso4:tracked")
-        w.close()
         for name, c, reply, hello in conns:
             why = refusal(reply) or refusal(hello)
             if why:
@@ -467,7 +473,7 @@ def _heavy_script(p: Probe, lv: Levers, a: str, others: list[str], figures: dict
     box: dict[str, Any] = {}
 
     def run() -> None:
-        c, _ = p.conn(a, a)
+        c, _ = p.conn(a, a, key=f"t:{a}:iso4:heavy")
         t0 = time.monotonic()
         try:
             box["reply"] = c.call("EVALSHA", sha, "1", f"t:{a}:iso4:heavy", "5", str(HEAVY_WINDOW), timeout=30)
@@ -493,32 +499,33 @@ def _fill_memory(p: Probe, lv: Levers, a: str, others: list[str], figures: dict[
     """Write until the server says no: it must, at the tenant's own limit, and the other
     tenants must still be able to write."""
     name = f"{a} fills memory (SET {FILL_VALUE >> 10} KB values until refused)"
-    admin = p.lab.redis(server=a)
-    limit = int(admin.config_get("maxmemory").get("maxmemory", 0))
+    fill = "t:{a}:iso4:{{fill}}:{n}"  # one hash tag: in a cluster every value goes to one node
+    port = p.lab.state_port(a, key=fill.format(a=a, n=0))
+    limit = int(p.lab.state_admin(port).config_get("maxmemory").get("maxmemory", 0))
     figures["maxmemory_mb"] = limit >> 20
     if limit == 0:
         lv.record(name, "allowed", "the tenant's state server has no memory limit")
         return
-    c, _ = p.conn(a, a)
+    c, _ = p.conn(a, a, key=fill.format(a=a, n=0))
     value = b"x" * FILL_VALUE
     written, refused = 0, None
     try:
         while written < limit * 3 // 2 + (16 << 20):
-            reply = c.call("SET", f"t:{a}:iso4:fill:{written // FILL_VALUE}", value, timeout=10)
+            reply = c.call("SET", fill.format(a=a, n=written // FILL_VALUE), value, timeout=10)
             if isinstance(reply, RespError):
                 refused = str(reply)
                 break
             written += FILL_VALUE
         blocked = []
         for b in others:
-            w, _ = p.conn(b, b)
+            w, _ = p.conn(b, b, key=f"t:{b}:iso4:write")
             if w.call("SET", f"t:{b}:iso4:write", "x") != "OK":
                 blocked.append(b)
             w.call("DEL", f"t:{b}:iso4:write")
             w.close()
     finally:
         for i in range(written // FILL_VALUE + 1):
-            c.call("DEL", f"t:{a}:iso4:fill:{i}")
+            c.call("DEL", fill.format(a=a, n=i))
         c.close()
     figures["fill_refused_after_mb"] = round(written / (1 << 20), 1) if refused else None
     if refused is None:
@@ -571,6 +578,56 @@ def _replication_levers(p: Probe, lv: Levers, a: str, others: list[str]) -> None
                 c.close()
 
 
+CLUSTER_LEVERS = (("CLUSTER", "ADDSLOTS", "0"), ("CLUSTER", "DELSLOTS", "0"), ("CLUSTER", "FLUSHSLOTS"),
+                  ("CLUSTER", "SETSLOT", "0", "STABLE"), ("CLUSTER", "MEET", "127.0.0.1", "1"),
+                  ("CLUSTER", "FORGET", "0" * 40), ("CLUSTER", "RESET"), ("CLUSTER", "FAILOVER"),
+                  ("CLUSTER", "REPLICATE", "0" * 40), ("CLUSTER", "SET-CONFIG-EPOCH", "1"),
+                  ("CLUSTER", "BUMPEPOCH"), ("CLUSTER", "SAVECONFIG"), ("CLUSTER", "NODES"), ("CLUSTER", "SHARDS"),
+                  ("CLUSTER", "INFO"), ("CLUSTER", "MYID"), ("CLUSTER", "COUNTKEYSINSLOT", "0"),
+                  ("CLUSTER", "GETKEYSINSLOT", "0", "10"), ("CLUSTER", "LINKS"),
+                  ("MIGRATE", "127.0.0.1", "1", "", "0", "100", "KEYS", "t:x"))
+
+
+def _cluster_levers(p: Probe, lv: Levers, a: str, others: list[str], broken: list[str]) -> None:
+    """Levers against ``a``'s cluster nodes, the other tenants' nodes and every cluster bus."""
+    lab = p.lab
+    user, pw = f"tenant-{a}", lab.passwords[a]
+    for port in lab.state_servers(a):
+        for args in CLUSTER_LEVERS:
+            c = Resp(lab.state_ip, port)
+            try:
+                c.call("AUTH", user, pw)
+                lv.command(f"{a} {' '.join(args[:2])} at its node {port}", c, *args)
+            finally:
+                c.close()
+        info = lab.state_admin(port).cluster("info")
+        if info.get("cluster_state") != "ok":  # the positive half: the nodes themselves reach the bus
+            broken.append(f"{a}'s node {port} says cluster_state {info.get('cluster_state')}")
+    for b in others:
+        for port in lab.state_servers(b):
+            c = Resp(lab.state_ip, port)
+            try:
+                lv.command(f"{a} logs in to {b}'s node {port}", c, "AUTH", user, pw)
+            finally:
+                c.close()
+
+
+
+def _cluster_bus(p: Probe, lv: Levers) -> None:
+    """A connection to every node's cluster bus from outside the nodes (the bus has no
+    authentication: whoever reaches it may join a cluster and claim its slots)."""
+    lab = p.lab
+    for (owner, port), bus in lab.cluster_buses.items():
+        name = f"a connection from outside the state server to the cluster bus of {owner}'s node {port} (port {bus})"
+        try:
+            socket.create_connection((lab.state_ip, bus), timeout=2.0).close()
+            lv.record(name, "allowed", "the connection opened")
+        except ConnectionRefusedError:
+            lv.record(name, "refused", "connection refused (TCP reset)")
+        except OSError as err:
+            lv.record(name, "refused", f"no connection: {err}")
+
+
 @check("ISO-4")
 def iso_4(ctx: Context) -> Result:
     """One tenant's state credentials MUST NOT read, write, enumerate, watch or stall another
@@ -605,6 +662,10 @@ def iso_4(ctx: Context) -> Result:
             _server_levers(p, lv, a)
             if p.lab.sentinel_ports:
                 _replication_levers(p, lv, a, others)
+            if p.lab.cluster_buses:
+                _cluster_levers(p, lv, a, others, broken)
+        if p.lab.cluster_buses:
+            _cluster_bus(p, lv)
         first, rest = tenants[0], tenants[1:]
         _heavy_script(p, lv, first, rest, figures)
         _fill_memory(p, lv, first, rest, figures)
