@@ -7,17 +7,16 @@ every NF are reported as a fraction of it.
 """
 
 import signal
-import socket
 import sys
 
-ETH_P_ALL = 0x0003
+from nfs.mmsg import packet_socket
+
 SOL_PACKET = 263
 PACKET_IGNORE_OUTGOING = 23
 
 
 def main(iface: str) -> None:
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    sock.bind((iface, 0))
+    sock = packet_socket(iface)
     sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"echo ready on {iface}", flush=True)

@@ -25,6 +25,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from nfs.mmsg import packet_socket
+
 ROOT = Path(__file__).resolve().parents[1]
 ETH_P_NSH = 0x894F
 PACKET_IGNORE_OUTGOING = 23
@@ -216,8 +218,7 @@ class Generator:
     """The generator's end: sends pre-built NSH frames, ``window`` outstanding, counts returns."""
 
     def __init__(self, iface: str) -> None:
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_NSH))
-        self.sock.bind((iface, ETH_P_NSH))
+        self.sock = packet_socket(iface, ETH_P_NSH)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
         self.sock.setblocking(False)

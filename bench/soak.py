@@ -10,7 +10,8 @@ topology's state servers have replicas, also SIGKILL of the tenant's state prima
 20: the lab waits for the promotion and starts the killed server again as a replica). Every round's
 traffic is checked, and the run as a whole:
 
-- TCP connections broken (the sender's echo check: a reset, a stall, a wrong byte): must be 0;
+- TCP connections broken (the sender's echo check: a reset, a wrong byte, or a stall: 5 s
+  without an echo, 15 s when state primaries are killed, as in CONT-6): must be 0;
 - UDP datagrams duplicated: must be 0; lost: counted (a SIGKILL costs the datagrams the dead
   instance held, see CONT-1), not a failure;
 - NAT mappings changed: a UDP flow whose datagrams reached the far host from more than one
@@ -37,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from conformance.continuity.checks import EspCapture
+from conformance.continuity.checks import STATE_FAILOVER_STALL, EspCapture
 from conformance.load import pools_in_use
 from statelab.lab import Lab
 from statelab.spec import load
@@ -57,8 +58,11 @@ def _streams(lab: Any, scenarios: list[Any], seconds: float) -> list[tuple[str, 
         port = next(_ports)
         udp = (UdpStream(lab, sc.client, sc.servers[0], sc.dst_ip, flows=UDP_FLOWS, rate=UDP_RATE,
                          duration=seconds, port=port, first_sport=20000 + port) if sc.udp else None)
+        # a state primary's failover stalls a TCP connection for seconds (its writes fail
+        # closed until a replica acknowledges again, ~3-4 s, and the sender backs off): as CONT-6
+        stall = STATE_FAILOVER_STALL if lab.sentinel_ports else 5.0
         tcp = TcpStream(lab, sc.client, sc.servers[0], sc.dst_ip, connections=TCP_CONNECTIONS, duration=seconds,
-                        port=sc.tcp_port or port + 1, sinks=sc.servers, sink_port=sc.server_port)
+                        port=sc.tcp_port or port + 1, sinks=sc.servers, sink_port=sc.server_port, stall=stall)
         out.append((sc.tenant, udp, tcp))
     return out
 
@@ -140,7 +144,9 @@ def soak(events: int = 1000, seed: int = 1, round_seconds: float = 10.0,
         where: dict[Any, list[tuple[str, float]]] = {}
         for idx, at, key, _ in tap.captured:
             where.setdefault(key, []).append((tap.instances[idx].id, round(at, 4)))
-        duplicates = [{"spi": k[0], "seq": k[1], "seen": v} for k, v in where.items() if len(v) > 1][:20]
+        duplicates = [{"spi": k[0], "seq": k[1], "seen": v,
+                       "events_before": [e for e in log if v[0][1] - 3 <= e[0] <= v[-1][1]]}
+                      for k, v in where.items() if len(v) > 1][:20]
         totals["state_keys_at_end"] = sum(lab.redis(server=t.name).dbsize() for t in lab.topo.tenants)
         record = lab.record
     left = record.leftovers()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from conformance.core import SKIP, Result
+from nfs.mmsg import packet_socket
 from statelab.timeline import Timeline
 from statelab.traffic import TcpStream, UdpStream
 
@@ -374,8 +375,7 @@ class FabricTap:
 
     def add(self, inst: Any) -> None:
         """Watch one more member (e.g. one that just joined)."""
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-        s.bind((self.lab.fabric.port_name(inst.member), 0))
+        s = packet_socket(self.lab.fabric.port_name(inst.member))
         with self._lock:
             self.instances.append(inst)
             self.socks.append(s)

@@ -20,6 +20,25 @@ import socket
 from typing import Optional, Sequence
 
 MSG_DONTWAIT = 0x40
+ETH_P_ALL = 0x0003
+
+
+def packet_socket(iface: str, proto: int = ETH_P_ALL) -> socket.socket:
+    """A raw AF_PACKET socket that holds only frames of ``iface`` (of ethertype ``proto``).
+
+    Opened with protocol 0, which receives nothing, and then bound to the interface with
+    ``proto``: a socket opened with ETH_P_ALL receives every interface's frames until its
+    bind, so a tap that joined a running lab recorded, now and then, frames of other ports as
+    its own (the soak's duplicate ESP numbers), and an NF could read frames of its
+    management link.
+    """
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        s.bind((iface, proto))
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 class _Iovec(ctypes.Structure):

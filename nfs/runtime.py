@@ -33,7 +33,6 @@ import yaml
 from nfs import mmsg, nsh
 from nfs.state import StateClient, StateUnavailable, open_state
 
-ETH_P_ALL = 0x0003
 BATCH = 64
 RCVBUF = 8 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux value; Python lacks the name
@@ -184,8 +183,7 @@ class Runtime:
         self.batch = batch
         self.draining = False
         self.state_down = False
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.bind((iface, 0))
+        self.sock = mmsg.packet_socket(iface)
         self.sock.setblocking(False)
         try:  # room for bursts while a batch waits on the state server (FORCE: past rmem_max, root)
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)

@@ -37,6 +37,7 @@ from typing import Any, Optional
 import yaml
 
 from nfs import nsh
+from nfs.mmsg import packet_socket
 
 REPO = Path(__file__).resolve().parents[1]
 FABRIC_MAC = bytes.fromhex("025e00000001")
@@ -91,8 +92,7 @@ class NFProcess:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-        self.sock.bind((self.ours, 0))
+        self.sock = packet_socket(self.ours)
         self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: keep every reply
         self.sent = 0          # frames sent to the NF
         self.sent_at = 0.0     # wall-clock time of the last one (the counters' "updated" clock)

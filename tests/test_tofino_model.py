@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from nfs.mmsg import packet_socket
 from statelab.errors import LabError, MissingDependency, ProcessFailed
 from statelab.fabric import fabric_class
 from statelab.fabric import tofino_model as tm
@@ -350,8 +351,7 @@ root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (veths, tc, raw 
 
 
 def _raw(name: str) -> socket.socket:
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-    s.bind((name, 0))
+    s = packet_socket(name)
     s.settimeout(2)
     return s
 

@@ -39,6 +39,7 @@ from scapy.layers.l2 import Ether
 
 from nfs import nsh, packet
 from nfs.firewall import Firewall
+from nfs.mmsg import packet_socket
 from nfs.runtime import Drop
 from nfs.state import LocalState
 from tests.nfharness import nsh_frame
@@ -356,8 +357,7 @@ class LinuxFirewall:
         self.macs = {d: bytes.fromhex(json.loads(self._ns("ip", "-j", "link", "show", dev))[0]["address"]
                                       .replace(":", "")) for d, dev in ((OUT, "fc"), (IN, "fs"))}
         for d, dev in ((OUT, self.inside), (IN, self.outside)):
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-            s.bind((dev, 0))
+            s = packet_socket(dev)
             s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
             self.socks[d] = s
 
