@@ -8,6 +8,8 @@ Prints a table and writes every figure to JSON (``--json``, default ``reports/be
   (the runtime alone) ÷ the echo loop;
 - the connection-setup rate (``new-udp``: every frame a new flow) the same two ways;
 - the cost per packet in state-server commands, counted by the server (``INFO commandstats``);
+- each NF's state operations on one Redis, with a replica, on a 3-node cluster: ops/s and
+  p99 per batch, as ratios to one Redis (bench/state_ops.py);
 - P3: the UDP outage per flow when an instance is SIGKILLed, P4: ``scale_out()`` until the new
   instance's first frame, in a lab of the reference topology (bench/failover.py);
 - P5: the wall time of ``pytest conformance/`` on the reference topology (``--no-suite``: left out).
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import failover, loop
+from bench import failover, loop, state_ops
 from bench.path import Generator, NfPath
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +116,7 @@ def table(res: dict[str, Any]) -> str:
     for name, r in res.get("state_server", {}).items():
         rows.append((f"state server {name}: with a replica (WAIT 1) ÷ one Redis ({r['b_pps']:.0f} / "
                      f"{r['a_pps']:.0f} pps)", f"{r['ratio']:.2f}", ""))
+    rows += state_ops.rows(res.get("state_ops", {}))
     for name, r in res.get("P1", {}).items():
         if "server_commands_per_packet" in r:
             rows.append((f"state-server commands per packet, {name}", f"{r['server_commands_per_packet']:.3f}", ""))
@@ -135,6 +138,8 @@ def main(argv: Any = None) -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "reports" / "bench.json", help="where the figures go")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each side of a ratio (alternating)")
     ap.add_argument("--rounds", type=int, default=40, help="measured packets per flow (1000 flows)")
+    ap.add_argument("--state-seconds", type=float, default=2.0,
+                    help="seconds per run of each NF's state operations on each state server")
     ap.add_argument("--no-lab", action="store_true", help="leave out P3/P4 (the lab)")
     ap.add_argument("--no-suite", action="store_true", help="leave out P5 (the conformance suite's run time)")
     args = ap.parse_args(argv)
@@ -149,6 +154,7 @@ def main(argv: Any = None) -> int:
     res: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "goals": GOALS, "command": "sudo make bench"}
     res.update(packet_loop(args.repeat, args.rounds, progress))
+    res["state_ops"] = state_ops.measure(seconds=args.state_seconds, repeat=args.repeat, progress=progress)
     if not args.no_lab:
         res["failover"] = failover.measure(progress)
     if not args.no_suite:

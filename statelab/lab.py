@@ -619,7 +619,7 @@ class Lab:
             self.cluster_buses[(tenant, port)] = bus
         _write_private(conf, "\n".join([
             f"bind {self.state_ip}", f"port {port}", "protected-mode yes",
-            'save ""', *self._persistence(t), "daemonize no",
+            'save ""', *self._persistence(t, port), "daemonize no",
             f"maxmemory {STATE_MAXMEMORY}", "maxmemory-policy noeviction", "maxclients 1024",
             "proto-max-bulk-len 1mb", "client-query-buffer-limit 1mb",
             "client-output-buffer-limit normal 64mb 16mb 10",
@@ -795,12 +795,16 @@ class Lab:
         return redis.Redis(host=self.state_ip, port=port, username="admin", password=self.passwords["admin"],
                            socket_timeout=2, decode_responses=True)
 
-    def _persistence(self, tenant: "specmod.Tenant") -> list[str]:
+    def _persistence(self, tenant: "specmod.Tenant", port: int) -> list[str]:
         """redis.conf lines: in memory only, or, for a tenant whose ESP keys are pinned, an
         append-only file fsynced on every write in /var/lib/statelab/LAB/TENANT, so its
         sequence counters outlive the lab (a new lab with the same keys goes on counting)."""
         if not pins_esp_keys(tenant):
-            return ["appendonly no", f"dir {self.run_dir}"]
+            # a directory of its own: a replica writes the RDB it syncs to dump.rdb there, and a
+            # server started in a shared one would load another server's (another tenant's) data
+            d = self.run_dir / f"redis-{tenant.name}-{port}"
+            d.mkdir(mode=0o700, exist_ok=True)
+            return ["appendonly no", f"dir {d}"]
         if self.topo.state_replicas or self.topo.state_cluster:
             raise LabError(f"tenant {tenant.name} ({self.topo.source}, line {tenant.line}) pins its ESP keys, and "
                            f"its state server has replicas or is a cluster: a pinned SA's sequence counter "

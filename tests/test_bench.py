@@ -21,6 +21,7 @@ def test_bench_packet_loop_writes_every_figure(tmp_path: Path) -> None:
         pytest.skip("needs root and redis-server")
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, "-m", "bench", "--repeat", "1", "--rounds", "2", "--no-lab", "--no-suite",
+                          "--state-seconds", "0.2",
                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     got = json.loads(out.read_text())
@@ -32,3 +33,10 @@ def test_bench_packet_loop_writes_every_figure(tmp_path: Path) -> None:
     for name, r in got["P1"].items():  # counted on the server; a new flow costs commands
         assert r["server_commands_per_packet"] >= (1 if name.endswith("new-udp") else 0), (name, r)
     assert "P1 firewall/tcp" in res.stdout and got["machine"]["cpus"]
+    ops = got["state_ops"]["kinds"]
+    assert set(ops) == {"firewall", "nat", "ipsec", "lb"}
+    for kind, r in ops.items():
+        for server in ("one", "replica", "cluster"):
+            assert r[server]["ops_per_s"] > 0 and r[server]["p99_ms"] >= r[server]["p50_ms"] > 0, (kind, server, r)
+        assert r["cluster_ops_ratio"] > 0 and r["replica_p99_ratio"] > 0
+    assert "state ops ipsec on a 3-node cluster" in res.stdout

@@ -198,6 +198,23 @@ def test_iso_4_fails_on_a_cluster_node_with_a_widened_acl_or_an_open_bus() -> No
         assert not any("CLUSTER NODES" in op for op in allowed if not op.startswith("red ")), allowed
 
 
+def test_iso_4_fails_on_a_widened_replica_or_sentinel_acl() -> None:
+    """With replicas: a tenant user that may reconfigure its replica, and a Sentinel that
+    lists its primaries to anyone, are each a FAIL naming it."""
+    topo = dataclasses.replace(variant("cfliso4r", {"red", "blue"}), state_replicas=1)
+    with contextlib.contextmanager(running_lab)(topo) as lab:
+        replica = next(p for p in lab.state_servers("red") if p != lab.state_port("red"))
+        lab.state_admin(replica).execute_command("ACL", "SETUSER", "tenant-red", "+config|set")
+        sentinel = lab.sentinel_ports[-1]
+        lab.state_admin(sentinel).execute_command("ACL", "SETUSER", "default", "+sentinel|masters")
+        result = run(lab, "ISO-4")
+        assert result.verdict == FAIL
+        allowed = result.figures["allowed_operations"]
+        assert any(op.startswith(f"red CONFIG SET at its replica (port {replica})") for op in allowed), allowed
+        assert any(op.startswith(f"red SENTINEL MASTERS at Sentinel {sentinel}") for op in allowed), allowed
+        assert not any("CONFIG SET at its replica" in op for op in allowed if not op.startswith("red ")), allowed
+
+
 # -- NFs that keep state in their own memory -------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,10 @@ nodes on loopback, with the lab's tenant ACL, ended by PID."""
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,27 +17,28 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from nfs.state import SCRIPTS, ClusterState, StateUnavailable, open_state
-from statelab.lab import CLUSTER_SLOTS, slot_ranges, tenant_acl
-from tests.test_state_replicas import _free_ports, _until
+from bench.state_ops import LoopbackServers
+from nfs.state import ClusterState, StateUnavailable, open_state
+from tests.test_state_replicas import _until
 
 NODES = 3
 
 
 @dataclass
 class Cluster:
-    dir: Path
+    servers: LoopbackServers
+    url_: str
     ports: list[int]
-    buses: list[int]
-    pw: dict[str, str]
-    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def procs(self) -> list[subprocess.Popen]:
+        return self.servers.procs
 
     def admin(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, username="admin", password=self.pw["admin"], socket_timeout=2,
-                           decode_responses=True)
+        return self.servers.admin(port)
 
     def url(self) -> str:
-        return "redis+cluster://tenant-red:%s@%s/" % (self.pw["red"], ",".join(f"127.0.0.1:{p}" for p in self.ports))
+        return self.url_
 
     def owner(self, key: str) -> int:
         """The port of the node holding ``key`` now (as the first node sees it)."""
@@ -51,39 +51,12 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Three cluster nodes as the lab makes them (bench.state_ops.LoopbackServers)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed: sudo apt-get install redis-server (or scripts/install.sh)")
-    free = _free_ports(2 * NODES)
-    c = Cluster(tmp_path, free[:NODES], free[NODES:], {n: secrets.token_hex(8) for n in ("admin", "red")})
-    try:
-        for port, bus in zip(c.ports, c.buses):
-            conf = tmp_path / f"node-{port}.conf"
-            conf.write_text("\n".join([
-                "bind 127.0.0.1", f"port {port}", 'save ""', "appendonly no", f"dir {tmp_path}",
-                "cluster-enabled yes", f"cluster-config-file nodes-{port}.conf", f"cluster-port {bus}",
-                "cluster-node-timeout 5000", "user default off", f"user admin on >{c.pw['admin']} ~* &* +@all",
-                tenant_acl("red", c.pw["red"], cluster=True), ""]))
-            c.procs.append(subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL))
-        for port in c.ports:
-            _until(f"node {port} answers", lambda: c.admin(port).ping())
-        for (lo, hi), port in zip(slot_ranges(NODES), c.ports):
-            c.admin(port).execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
-        for port, bus in zip(c.ports[1:], c.buses[1:]):
-            c.admin(c.ports[0]).execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
-        for port in c.ports:
-            _until(f"node {port} sees the cluster ok", lambda: (
-                (i := c.admin(port).cluster("info"))["cluster_state"] == "ok"
-                and int(i["cluster_known_nodes"]) == NODES and int(i["cluster_slots_ok"]) == CLUSTER_SLOTS))
-            for script in SCRIPTS.values():
-                c.admin(port).script_load(script.lua)
-        yield c
-    finally:
-        for p in c.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.terminate()
-            p.wait(10)
+    with LoopbackServers("red", tmp_path) as servers:
+        url, ports = servers.cluster(NODES)
+        yield Cluster(servers, url, ports)
 
 
 def _keys_on_every_node(c: Cluster, prefix: str, n: int = 60) -> list[str]:

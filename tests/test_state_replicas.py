@@ -9,7 +9,6 @@ from __future__ import annotations
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -19,20 +18,11 @@ from typing import Any, Callable, Iterator
 import pytest
 import redis
 
+from bench.state_ops import free_ports as _free_ports
 from nfs.state import SCRIPTS, RedisState, StateUnavailable
 from statelab.lab import sentinel_service, tenant_acl
 
 SERVICE = sentinel_service("red")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _until(what: str, ok: Callable[[], bool], timeout: float = 15.0) -> None:
