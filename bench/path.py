@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -88,6 +89,7 @@ class NfPath:
         self.redis = self.replica = None
         subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True)
         subprocess.run(["ip", "link", "delete", self.gen_if], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)  # configs, logs, a replica's dump.rdb
 
     # -- the state server ------------------------------------------------------------------
 

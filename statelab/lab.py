@@ -557,9 +557,9 @@ class Lab:
         ``state.port + j * tenants + i``) and three Sentinels (after the last replica's port)
         watch every primary: see :meth:`kill_state_primary` and docs/contracts.md, "Replicas and failover"."""
         replicas, cluster = self.topo.state_replicas, self.topo.state_cluster
-        self.progress(f"starting the state servers (one redis-server per tenant, {len(self.topo.tenants)}"
-                      + (f", each with {replicas} replica(s) and 3 Sentinels)" if replicas else
-                         f", each a Redis Cluster of {cluster} nodes)" if cluster else ")"))
+        what = f"a Redis Cluster of {cluster} nodes per tenant" if cluster else "one redis-server per tenant"
+        self.progress(f"starting the state servers ({what}, {len(self.topo.tenants)} tenants"
+                      + (f", each with {replicas} replica(s) and 3 Sentinels)" if replicas else ")"))
         self.state_node = self._add_node(STATE_NODE, ip=None)
         self.state_ip = self._mgmt_ip(2)
         self._join_management(self.state_node, self.state_ip, nf=False)
