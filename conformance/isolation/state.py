@@ -538,6 +538,16 @@ def _fill_memory(p: Probe, lv: Levers, a: str, others: list[str], figures: dict[
                                      + (f"; {', '.join(others)} still wrote" if others else ""))
 
 
+def _as_tenant(p: Probe, lv: Levers, name: str, port: int, tenant: str, *args: Any) -> None:
+    """One lever that must be refused, at the server on ``port``, logged in as ``tenant``."""
+    c = Resp(p.lab.state_ip, port)
+    try:
+        c.call("AUTH", f"tenant-{tenant}", p.lab.passwords[tenant])
+        lv.command(name, c, *args)
+    finally:
+        c.close()
+
+
 def _replication_levers(p: Probe, lv: Levers, a: str, others: list[str]) -> None:
     """Levers against ``a``'s replicas, other tenants' replicas and the Sentinels."""
     lab = p.lab
@@ -546,24 +556,14 @@ def _replication_levers(p: Probe, lv: Levers, a: str, others: list[str]) -> None
     user, pw = f"tenant-{a}", lab.passwords[a]
     for port in [x for x in lab.state_servers(a) if x != primary]:
         for args in (("SET", own, "x"), ("REPLICAOF", "NO", "ONE"), ("FAILOVER",), ("CONFIG", "SET", "replica-read-only", "no")):
-            c = Resp(lab.state_ip, port)
-            try:
-                c.call("AUTH", user, pw)
-                lv.command(f"{a} {' '.join(args[:2])} at its replica (port {port})", c, *args)
-            finally:
-                c.close()
+            _as_tenant(p, lv, f"{a} {' '.join(args[:2])} at its replica (port {port})", port, a, *args)
         for b in others:
             c = Resp(lab.state_ip, [x for x in lab.state_servers(b) if x != lab.state_port(b)][0])
             try:
                 lv.command(f"{a} logs in to {b}'s replica", c, "AUTH", user, pw)
             finally:
                 c.close()
-    c = Resp(lab.state_ip, primary)
-    try:
-        c.call("AUTH", user, pw)
-        lv.command(f"{a} FAILOVER at its primary", c, "FAILOVER")
-    finally:
-        c.close()
+    _as_tenant(p, lv, f"{a} FAILOVER at its primary", primary, a, "FAILOVER")
     service = f"tenant-{a}"
     for port in lab.sentinel_ports:
         for args in (("SENTINEL", "FAILOVER", service), ("SENTINEL", "SET", service, "down-after-milliseconds", "1"),
@@ -594,12 +594,7 @@ def _cluster_levers(p: Probe, lv: Levers, a: str, others: list[str], broken: lis
     user, pw = f"tenant-{a}", lab.passwords[a]
     for port in lab.state_servers(a):
         for args in CLUSTER_LEVERS:
-            c = Resp(lab.state_ip, port)
-            try:
-                c.call("AUTH", user, pw)
-                lv.command(f"{a} {' '.join(args[:2])} at its node {port}", c, *args)
-            finally:
-                c.close()
+            _as_tenant(p, lv, f"{a} {' '.join(args[:2])} at its node {port}", port, a, *args)
         info = lab.state_admin(port).cluster("info")
         if info.get("cluster_state") != "ok":  # the positive half: the nodes themselves reach the bus
             broken.append(f"{a}'s node {port} says cluster_state {info.get('cluster_state')}")
